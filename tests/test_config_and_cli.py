@@ -1,0 +1,139 @@
+"""Config validation, shipped configs, model resolution errors, and the CLI's contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunesmith.config import load_config, parse_overrides
+from tunesmith.errors import ConfigError, ModelError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_unknown_key_fails_with_did_you_mean(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl"}, "train": {"learning_rate": 1e-4}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "unknown key 'train.learning_rate'" in str(err.value)
+    assert "Did you mean 'train.lr'?" in str(err.value)
+
+
+def test_unknown_section_and_bad_values(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl"}, "methdo": {"name": "lora"}})
+    with pytest.raises(ConfigError, match="Did you mean 'method'"):
+        load_config(path)
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl"}, "method": {"name": "lorra"}})
+    with pytest.raises(ConfigError, match="method.name"):
+        load_config(path)
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl", "val_size": 1.5}})
+    with pytest.raises(ConfigError, match="data.val_size"):
+        load_config(path)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "rows.jsonl"}, "train": {"lr": 1e-4}})
+    cfg = load_config(path, ["--train.lr=3e-4", "--method.name", "full", "--method.target_modules=[q_proj]"])
+    assert cfg.train.lr == 3e-4 and cfg.method.name == "full" and cfg.method.target_modules == ["q_proj"]
+    assert cfg.data.train_file == str((tmp_path / "rows.jsonl").resolve())
+    with pytest.raises(ConfigError, match="did you mean|Did you mean"):
+        load_config(path, ["--train.learnin_rate=1"])
+    with pytest.raises(ConfigError, match="must name a section"):
+        parse_overrides(["--lr=1"])
+
+
+def test_every_shipped_config_validates():
+    configs = sorted(REPO.glob("examples/**/*.yaml"))
+    assert configs, "no configs found under examples/"
+    for path in configs:
+        cfg = load_config(path)
+        assert Path(cfg.data.train_file).exists(), f"{path}: data file {cfg.data.train_file} missing"
+
+
+def test_missing_local_model_and_offline_hub_id_are_clear_errors(tmp_path, monkeypatch):
+    from tunesmith.models import load_tokenizer, resolve
+
+    with pytest.raises(ModelError, match="not found"):
+        resolve(str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json and no .gguf"):
+        resolve(str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        load_tokenizer(resolve("someone/some-model-that-is-not-cached"))
+
+
+def test_gguf_file_resolves_to_its_directory(tmp_path):
+    from tunesmith.models import resolve
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert resolve(str(tmp_path / "m.gguf")).kwargs() == {"gguf_file": "m.gguf"}
+    assert resolve(str(tmp_path)).gguf_file == "m.gguf"
+
+
+def run_cli(*args: str, cwd: Path = REPO, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, input=stdin, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_cli_user_mistakes_give_one_line_errors_not_tracebacks(tmp_path):
+    bad = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl"}, "train": {"epoch": 2}})
+    done = run_cli("prepare", str(bad))
+    assert done.returncode == 2
+    assert "error:" in done.stderr and "Did you mean 'train.epochs'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 5}\n')
+    cfg = write_yaml(tmp_path / "ok.yaml", {"model": {"name_or_path": str(tmp_path / "missing-model")},
+                                            "data": {"train_file": "rows.jsonl"}})
+    done = run_cli("prepare", str(cfg))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "missing-model" in done.stderr
+
+
+def test_cli_full_cycle_on_the_tiny_model(tmp_path, tiny_model_dir):
+    """train → prepare --show → generate → eval --json → export, through the real command line."""
+    from conftest import alpaca_rows, write_jsonl
+
+    write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(30))
+    cfg = write_yaml(tmp_path / "c.yaml", {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train_file": "rows.jsonl", "val_size": 4, "test_size": 4},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "run")},
+    })
+    shown = run_cli("prepare", str(cfg), "--show", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "Data report" in shown.stdout and "trained tokens in [brackets]" in shown.stdout
+
+    trained = run_cli("train", str(cfg), "--train.max_steps=3")
+    assert trained.returncode == 0, trained.stderr
+    assert "trainable parameters" in trained.stdout
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x["step"] for x in steps) == 3
+
+    gen = run_cli("generate", str(tmp_path / "run"), "--prompt", "Shout this.", "--max-new-tokens", "4")
+    assert gen.returncode == 0, gen.stderr
+
+    ev = run_cli("eval", str(tmp_path / "run"), "--json", "--max-new-tokens", "4")
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert {"loss", "perplexity", "exact_match", "n"} <= result.keys() and result["n"] == 4
+
+    chat = run_cli("chat", str(tmp_path / "run"), "--max-new-tokens", "3", stdin="hello\n/exit\n")
+    assert chat.returncode == 0, chat.stderr and "assistant>" in chat.stdout
+
+    out = run_cli("export", str(tmp_path / "run"), "--format", "adapter", "--out", str(tmp_path / "adapter"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()

@@ -1,0 +1,186 @@
+"""The command line: each verb parses its arguments and calls one public function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from tunesmith.console import quiet_libraries
+from tunesmith.errors import TunesmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune open language models on your own data.")
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _load(config: Path, overrides: list[str]):
+    from tunesmith.config import load_config
+
+    return load_config(config, overrides)
+
+
+@app.command(context_settings=OVERRIDES)
+def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file"),
+          ) -> None:
+    """Fine-tune: train CONFIG.yaml [--section.key=value ...] writes a run directory at output.dir."""
+    cfg = _load(config, ctx.args)
+    quiet_libraries()
+    from tunesmith.training.loop import train as run_training
+
+    run_training(cfg)
+
+
+@app.command(context_settings=OVERRIDES)
+def prepare(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file"),
+            show: int = typer.Option(0, "--show", help="print N rendered training examples token by token"),
+            ) -> None:
+    """Validate and tokenize the data and print the data report, without training."""
+    cfg = _load(config, ctx.args)
+    quiet_libraries()
+    from tunesmith.data.pipeline import show_examples
+    from tunesmith.training.loop import load_data_and_tokenizer
+
+    _, tokenizer, data = load_data_and_tokenizer(cfg)
+    print(data.report.to_text())
+    if show:
+        print(show_examples(tokenizer, data.train, show))
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, repetition_penalty: float):
+    from tunesmith.generate import Sampling
+
+    return Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+
+
+@app.command()
+def generate(model: str = typer.Argument(..., help="run directory, model directory, .gguf file or short name"),
+             prompt: str = typer.Option(..., "--prompt", "-p"),
+             system: Optional[str] = typer.Option(None, help="system message (default: the run's data.system_prompt)"),
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, checkpoint: Optional[str] = typer.Option(None, help="e.g. step-000100")
+             ) -> None:
+    """Answer one prompt (greedy unless --temperature > 0) and print the reply."""
+    quiet_libraries()
+    from tunesmith.generate import generate_batch
+    from tunesmith.run_dir import load_for_inference
+
+    loaded = load_for_inference(model, checkpoint)
+    system = system or loaded.default_system
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    print(generate_batch(loaded.model, loaded.tokenizer, [messages], sampling)[0])
+
+
+@app.command()
+def chat(model: str = typer.Argument(..., help="run directory, model directory, .gguf file or short name"),
+         system: Optional[str] = typer.Option(None, help="system message (default: the run's data.system_prompt)"),
+         max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9, top_k: int = 50,
+         repetition_penalty: float = 1.1, checkpoint: Optional[str] = None) -> None:
+    """Interactive chat with streamed replies. Commands: /reset clears the history, /exit quits."""
+    quiet_libraries()
+    from tunesmith.generate import stream_reply
+    from tunesmith.run_dir import load_for_inference
+
+    loaded = load_for_inference(model, checkpoint)
+    system = system or loaded.default_system
+    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    print("Chat started. /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", flush=True)
+        reply = stream_reply(loaded.model, loaded.tokenizer, history, sampling)
+        history.append({"role": "assistant", "content": reply})
+
+
+@app.command("eval")
+def eval_(run: str = typer.Argument(..., help="run directory (or a base model, to compare)"),
+          data: Optional[Path] = typer.Option(None, help="rows to evaluate; default: the run's test split"),
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+          limit: Optional[int] = typer.Option(None, help="evaluate only the first N rows"),
+          max_new_tokens: int = 256, checkpoint: Optional[str] = None) -> None:
+    """Loss, perplexity and exact match (greedy answer == reference, whitespace stripped) on held-out rows."""
+    quiet_libraries()
+    from tunesmith.evaluate import evaluate_file
+    from tunesmith.run_dir import load_for_inference
+
+    if data is None:
+        data = Path(run) / "data" / "test.jsonl"
+        if not data.exists() or not data.read_text(encoding="utf-8").strip():
+            raise TunesmithError(f"{run} has no test split; pass --data FILE (or set data.test_size when training)")
+    loaded = load_for_inference(run, checkpoint)
+    result = evaluate_file(loaded, data, limit=limit, max_new_tokens=max_new_tokens)
+    samples = result.pop("samples", [])
+    if as_json:
+        print(json.dumps(result))
+        return
+    for s in samples[:5]:
+        print(f"prompt:     {s['prompt'][:200]}\nreference:  {s['reference'][:200]}\nprediction: {s['prediction'][:200]}\n")
+    em = "n/a" if result["exact_match"] is None else f"{result['exact_match']:.3f}"
+    print(f"n {result['n']}  loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  exact match {em}")
+
+
+@app.command()
+def export(run: str = typer.Argument(..., help="run directory"),
+           format: str = typer.Option("merged", "--format", help="merged | adapter"),
+           out: Path = typer.Option(..., "--out", help="directory to write (must not exist or be empty)"),
+           checkpoint: Optional[str] = None) -> None:
+    """Write the trained model as merged safetensors weights or as a PEFT adapter."""
+    quiet_libraries()
+    from tunesmith.export import export_run
+
+    print(export_run(run, format, out, checkpoint))
+
+
+@app.command()
+def download(name: str = typer.Argument("smollm2-135m-instruct", help="short name or hub id")) -> None:
+    """Fetch a model once into the local cache (short names are converted to safetensors)."""
+    quiet_libraries()
+    from tunesmith.models import SHORT_NAMES, ensure_short_name, load_causal_lm, resolve
+
+    if name.lower() in SHORT_NAMES:
+        print(ensure_short_name(name.lower()))
+    else:
+        source = resolve(name)
+        load_causal_lm(source)
+        print(f"{name} is available")
+
+
+def main() -> None:
+    try:
+        code = app(standalone_mode=False)
+    except TunesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

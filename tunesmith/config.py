@@ -1,0 +1,273 @@
+"""One typed configuration tree, nested the same way as the YAML file.
+
+Every section rejects unknown keys with a did-you-mean, so a typo such as
+`train.learning_rate` fails before any model is loaded instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    """Short name (see `tunesmith.models.SHORT_NAMES`), a local HF directory, a .gguf file, or a hub id."""
+    gguf_file: str | None = None
+    """File name inside `name_or_path` when it is a directory holding several GGUF files."""
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class DataConfig(Section):
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+    format: Literal["alpaca", "messages", "sharegpt", "text"] | None = None
+    """Row format; detected from the first row when absent."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map our field names to yours, e.g. {instruction: question, output: answer}."""
+    val_size: Union[float, int] = 0.1
+    test_size: Union[float, int] = 0.0
+    seed: int = 42
+    max_seq_length: int = 1024
+    overlong: Literal["drop", "truncate"] = "drop"
+    template: str = "model"
+    """`model` (the tokenizer's own chat template), `chatml`, `alpaca`, or a path to a Jinja file."""
+    system_prompt: str | None = None
+    """System message for rows that have none; chat and generate use it too, so training and use match."""
+    train_on_prompt: bool = False
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    @field_validator("val_size", "test_size")
+    @classmethod
+    def _size(cls, v: float | int) -> float | int:
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ValueError("a fraction must be in [0, 1); use an integer for a row count")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a row count cannot be negative")
+        return v
+
+    @field_validator("max_seq_length")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 8:
+            raise ValueError("must be at least 8 tokens")
+        return v
+
+
+class MethodConfig(Section):
+    name: Literal["full", "freeze", "lora"] = "lora"
+    # LoRA
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    # freeze: train the last N decoder layers and/or modules whose name contains one of these strings
+    trainable_layers: int = Field(2, ge=0)
+    trainable_modules: list[str] = Field(default_factory=list)
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    lr: float = Field(2e-4, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` picks bf16 autocast where the device supports it, else fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_interval: int = Field(1, ge=1)
+    """Console refresh interval in steps; metrics.jsonl gets every step regardless."""
+
+
+class EvalConfig(Section):
+    interval: int | None = Field(None, ge=1)
+    """Validation loss every N optimizer steps (and always at the end). None = only at the end."""
+    batch_size: int = Field(8, ge=1)
+    max_batches: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(Section):
+    interval: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/run"
+    overwrite: bool = False
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "Config":
+        if self.data.train_file is None:
+            raise ValueError("data.train_file is required")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _section_fields(model_cls: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    cls: Any = model_cls
+    for part in path:
+        field = cls.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+# Names other tools use for our keys, so a user coming from them gets pointed at the right one.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "steps": "max_steps",
+    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "gradient_accumulation": "grad_accum_steps",
+    "lr_scheduler_type": "lr_scheduler", "scheduler": "lr_scheduler", "warmup": "warmup_steps",
+    "max_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target": "target_modules",
+    "max_length": "max_seq_length", "cutoff_len": "max_seq_length", "sequence_len": "max_seq_length",
+    "model_name_or_path": "name_or_path", "base_model": "name_or_path", "output_dir": "dir",
+    "dataset": "train_file", "eval_steps": "interval", "save_steps": "interval", "save_total_limit": "keep_last",
+    "bf16": "precision", "fp16": "precision", "dtype": "precision",
+}
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    alias = ALIASES.get(key.lower())
+    if alias in known:
+        return alias
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _section_fields(Config, loc[:-1])
+            close = _suggest(loc[-1], known)
+            hint = f" Did you mean '{'.'.join(loc[:-1] + (close,))}'?" if close else ""
+            known_txt = f" Known keys here: {', '.join(known)}." if known else ""
+            lines.append(f"unknown key '{key}'.{hint}{known_txt}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {err.get('input')!r})" if loc else msg)
+    return ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `--train.lr=1e-4 --method.name lora` into a nested dict (values parsed as YAML scalars)."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override '{arg}' has no value: write --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"override '--{key}' must name a section and a key, e.g. --train.lr=1e-4")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, validate, and resolve data paths against the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, ...)")
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = _deep_merge(raw, extra)
+    config = config_from_dict(raw, str(path))
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Relative data files are relative to the config file, so a config works from any working directory."""
+    for key in ("train_file", "val_file", "test_file"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).is_absolute():
+            candidate = base_dir / value
+            if candidate.exists() or not Path(value).exists():
+                setattr(config.data, key, str(candidate.resolve()))
+            else:
+                setattr(config.data, key, str(Path(value).resolve()))
+    model_path = config.model.name_or_path
+    for candidate in (base_dir / model_path, Path(model_path)):
+        if not Path(model_path).is_absolute() and candidate.exists():
+            # A local model path must keep working when chat/eval later run from another directory.
+            config.model.name_or_path = str(candidate.resolve())
+            break
+    return config

@@ -1,0 +1,117 @@
+"""Turn rows of the supported formats into one shape: a list of chat messages (or raw text).
+
+Formats:
+  alpaca    {"instruction", "input"?, "output", "system"?}
+  messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (OpenAI style)
+  sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+  text      {"text": str}   (every token trained: continued pre-training style)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.data.reading import BadRow, Row
+from tunesmith.errors import DataError
+
+FORMATS = ("alpaca", "messages", "sharegpt", "text")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    where: str = ""
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """Everything before the last assistant reply: what a user would send at inference."""
+        assert self.messages is not None
+        return self.messages[:-1]
+
+    @property
+    def reference(self) -> str:
+        """The last assistant reply: the answer eval compares against."""
+        assert self.messages is not None
+        return self.messages[-1]["content"]
+
+
+def _field(row: Row, name: str, columns: dict[str, str]) -> str:
+    return columns.get(name, name)
+
+
+def detect_format(row: Row, columns: dict[str, str]) -> str:
+    keys = set(row.data)
+    for fmt, marker in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"), ("text", "text")):
+        if _field(row, marker, columns) in keys:
+            return fmt
+    raise DataError(
+        f"{row.where}: cannot tell the data format from the keys {sorted(keys)}. Expected 'instruction'+'output' "
+        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT) or 'text'. Set data.format, and map "
+        "your column names with data.columns, e.g. {instruction: question, output: answer}."
+    )
+
+
+def _string(row: Row, columns: dict[str, str], name: str, required: bool, allow_empty: bool = False) -> str | None:
+    key = _field(row, name, columns)
+    shown = name if key == name else f"{key}' (mapped to '{name}"
+    if key not in row.data or row.data[key] is None:
+        if required:
+            raise BadRow(f"{row.where}: missing field '{shown}'")
+        return None
+    value = row.data[key]
+    if not isinstance(value, str):
+        raise BadRow(f"{row.where}: field '{shown}' must be a string, got {type(value).__name__}")
+    if not allow_empty and required and not value.strip():
+        raise BadRow(f"{row.where}: field '{shown}' is empty")
+    return value
+
+
+def to_example(row: Row, fmt: str, columns: dict[str, str]) -> Example:
+    """Normalise one row; raises BadRow naming the row and field when it does not fit the format."""
+    if fmt == "alpaca":
+        instruction = _string(row, columns, "instruction", required=True)
+        extra = _string(row, columns, "input", required=False)
+        output = _string(row, columns, "output", required=True)
+        system = _string(row, columns, "system", required=False)
+        user = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": output},
+        ]
+        return Example(messages=messages, where=row.where)
+    if fmt == "text":
+        return Example(text=_string(row, columns, "text", required=True), where=row.where)
+    if fmt in ("messages", "sharegpt"):
+        list_key = _field(row, "messages" if fmt == "messages" else "conversations", columns)
+        role_key, content_key = ("role", "content") if fmt == "messages" else ("from", "value")
+        turns = row.data.get(list_key)
+        if turns is None:
+            raise BadRow(f"{row.where}: missing field '{list_key}'")
+        if not isinstance(turns, list) or not turns:
+            raise BadRow(f"{row.where}: field '{list_key}' must be a non-empty list of messages")
+        messages = []
+        for i, turn in enumerate(turns):
+            where = f"{row.where}: {list_key}[{i}]"
+            if not isinstance(turn, dict):
+                raise BadRow(f"{where}: each message must be an object with '{role_key}' and '{content_key}'")
+            role, content = turn.get(role_key), turn.get(content_key)
+            if fmt == "sharegpt":
+                role = _SHAREGPT_ROLES.get(role) if isinstance(role, str) else None
+            if role not in ("system", "user", "assistant"):
+                raise BadRow(f"{where}: field '{role_key}' must be one of "
+                             f"{'system/user/assistant' if fmt == 'messages' else 'system/human/gpt'}, got {turn.get(role_key)!r}")
+            if not isinstance(content, str):
+                raise BadRow(f"{where}: field '{content_key}' must be a string, got {type(content).__name__}")
+            messages.append({"role": role, "content": content})
+        if messages[-1]["role"] != "assistant":
+            raise BadRow(f"{row.where}: the last message must be the assistant's reply (role 'assistant'), "
+                         f"got '{messages[-1]['role']}'")
+        if not messages[-1]["content"].strip():
+            raise BadRow(f"{row.where}: {list_key}[{len(messages) - 1}]: the assistant's reply is empty")
+        if not any(m["role"] == "user" for m in messages):
+            raise BadRow(f"{row.where}: field '{list_key}' has no user message")
+        return Example(messages=messages, where=row.where)
+    raise DataError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")

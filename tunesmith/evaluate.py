@@ -1,0 +1,63 @@
+"""Held-out evaluation: token loss and perplexity, and exact match of greedy answers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.data.pipeline import Tokenized, load_examples, tokenize_split
+from tunesmith.device import autocast
+from tunesmith.generate import Sampling, generate_batch
+from tunesmith.training.batching import eval_batches
+from tunesmith.training.loss import token_loss_sum
+
+
+@torch.no_grad()
+def mean_loss(model, data: list[Tokenized], batch_size: int, pad_id: int, precision: str = "fp32",
+              max_batches: int | None = None) -> tuple[float, int]:
+    """Mean loss per label token over `data` (token-weighted, like training) and the token count."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, batch in enumerate(eval_batches(data, batch_size, pad_id)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with autocast(device, precision):
+            loss_sum, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int = 16,
+                  max_new_tokens: int = 256) -> dict[str, Any]:
+    """Loss, perplexity and exact match of `loaded` (see run_dir.load_for_inference) on a data file."""
+    from tunesmith.config import DataConfig
+
+    cfg = loaded.config.data.model_copy() if loaded.config else DataConfig(train_file=str(data_file))
+    cfg.on_bad_row = "error"
+    _, pairs = load_examples(str(data_file), cfg, cfg.format if loaded.config else None, [])
+    examples = [ex for _, ex in pairs][:limit]
+    tokenized, report = tokenize_split("eval", examples, loaded.tokenizer, cfg)
+    loss, n_tokens = mean_loss(loaded.model, tokenized, batch_size, loaded.tokenizer.pad_token_id)
+    result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if loss == loss else float("nan"),
+                              "tokens": n_tokens, "n": len(examples), "scored_rows": report.kept}
+    chats = [ex for ex in examples if ex.messages is not None]
+    if chats:
+        preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in chats],
+                               Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size)
+        result["exact_match"] = exact_match(preds, [ex.reference for ex in chats])
+        result["samples"] = [{"prompt": ex.prompt_messages[-1]["content"], "reference": ex.reference, "prediction": p}
+                             for ex, p in zip(chats, preds)]
+    else:
+        result["exact_match"] = None
+    return result

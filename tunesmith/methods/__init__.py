@@ -1,0 +1,16 @@
+"""Fine-tuning methods, one small module each behind `Method`."""
+
+from tunesmith.config import MethodConfig
+from tunesmith.methods.base import Method, describe_counts, parameter_counts
+from tunesmith.methods.freeze import FreezeMethod
+from tunesmith.methods.full import FullMethod
+from tunesmith.methods.lora import LoraMethod
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, FreezeMethod, LoraMethod)}
+
+
+def get_method(cfg: MethodConfig) -> Method:
+    return METHODS[cfg.name](cfg)
+
+
+__all__ = ["METHODS", "Method", "get_method", "describe_counts", "parameter_counts"]

@@ -1,0 +1,54 @@
+"""The method protocol: a method changes how the model is built, which parameters train, and how the
+result is saved, loaded back and merged. Nothing else in tunesmith branches on the method."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable
+
+import torch.nn as nn
+
+from tunesmith.config import MethodConfig
+
+LoadBase = Callable[[], nn.Module]
+
+
+class Method(ABC):
+    name: str
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    @abstractmethod
+    def build(self, model: nn.Module) -> nn.Module:
+        """Prepare a freshly loaded base model for training (freeze, wrap) and return what trains."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    @abstractmethod
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Write what training changed (safetensors) so `load` can rebuild the trained model."""
+
+    @abstractmethod
+    def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
+        """Rebuild the trained model from `save`'s output; `load_base` loads the base model when needed."""
+
+    @abstractmethod
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A plain transformers model with the training folded into its weights."""
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting tied weights once."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() yields each shared tensor once
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def describe_counts(model: nn.Module) -> str:
+    trainable, total = parameter_counts(model)
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"

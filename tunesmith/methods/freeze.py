@@ -1,0 +1,66 @@
+"""Freeze tuning: train only the last N decoder layers and/or named modules; save only those tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from tunesmith.errors import ConfigError
+from tunesmith.methods.base import LoadBase, Method
+
+WEIGHTS = "trainable.safetensors"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (model.model.layers for Llama-style models)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ConfigError("method freeze: could not find the model's decoder layers")
+    return max(lists, key=len)
+
+
+class FreezeMethod(Method):
+    name = "freeze"
+
+    def build(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        layers = decoder_layers(model)
+        n = self.cfg.trainable_layers
+        if n > len(layers):
+            raise ConfigError(f"method.trainable_layers is {n} but the model has {len(layers)} layers")
+        for layer in list(layers)[len(layers) - n:] if n else []:
+            layer.requires_grad_(True)
+        names = self.cfg.trainable_modules
+        unmatched = set(names)
+        for pname, param in model.named_parameters():
+            for wanted in names:
+                if wanted in pname:
+                    param.requires_grad_(True)
+                    unmatched.discard(wanted)
+        if unmatched:
+            raise ConfigError(f"method.trainable_modules: no parameter name contains {sorted(unmatched)}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("method freeze: nothing to train; set method.trainable_layers or trainable_modules")
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous() for n, p in self.trainable_parameters(model)}
+        save_file(tensors, str(out_dir / WEIGHTS))
+
+    def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
+        model = load_base()
+        tensors = load_file(str(saved_dir / WEIGHTS))
+        result = model.load_state_dict(tensors, strict=False)
+        if result.unexpected_keys:
+            raise ConfigError(f"{saved_dir}: weights do not fit this base model: {result.unexpected_keys[:3]}")
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model

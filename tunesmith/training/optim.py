@@ -1,0 +1,39 @@
+"""AdamW with decay only on weight matrices, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunesmith.config import TrainConfig
+
+
+def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay shrinks matrices toward zero; on norms and biases it only hurts, so they are exempt."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        exempt = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
+                             eps=cfg.adam_eps)
+
+
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Multiplier on cfg.lr for the update made at `step` (0-based): linear warmup, then the schedule."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_scheduler == "constant":
+        return 1.0
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    shape = 1.0 - progress if cfg.lr_scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
