@@ -13,7 +13,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 from tunesmith.config import TrainConfig
 from tunesmith.data.pipeline import Tokenized
 from tunesmith.data.templates import IGNORE
-from tunesmith.training.batching import collate, micro_batches
+from tunesmith.training.batching import RowStream, collate, micro_batches
 from tunesmith.training.loss import token_loss_sum
 from tunesmith.training.optim import lr_factor, param_groups
 
@@ -65,18 +65,27 @@ def test_loss_at_label_positions_equals_full_head_loss():
     reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       labels=batch["labels"]).loss
     assert n == int((batch["labels"][:, 1:] != IGNORE).sum())
-    assert float(summed.detach()) / n == pytest.approx(float(reference), rel=1e-5)
+    assert float(summed.detach()) / n == pytest.approx(float(reference.detach()), rel=1e-5)
 
 
-def test_micro_batches_are_seeded_and_cover_each_epoch():
-    rows = [Tokenized([3, i + 3], [3, i + 3]) for i in range(10)]
-    def take(seed: int, n: int) -> list[list[int]]:
-        stream = micro_batches(rows, 3, seed=seed, pad_id=2)
-        return [next(stream)[1]["input_ids"][:, 1].tolist() for _ in range(n)]
+def test_row_stream_is_seeded_covers_each_epoch_and_resumes_from_its_position():
+    def take(seed: int, n: int, position: int = 0) -> list[int]:
+        return RowStream(10, seed, position).take(n)
 
-    first = take(1, 4)
-    assert first == take(1, 4) and first != take(2, 4)
-    assert sorted(sum(first, [])) == list(range(3, 13))  # epoch 0 = every row once (3+3+3+1)
+    first = take(1, 25)
+    assert first == take(1, 25) and first != take(2, 25)
+    assert sorted(first[:10]) == sorted(first[10:20]) == list(range(10))  # each epoch sees every row once
+    assert first[:10] != first[10:20]  # in a fresh order
+    assert take(1, 12, position=13) == first[13:25]  # the position alone restores the stream
+    stream = RowStream(10, 1)
+    stream.take(7)
+    assert (stream.position, stream.epoch) == (7, 0) and stream.take(6) == first[7:13] and stream.epoch == 1
+
+
+def test_micro_batches_split_a_step():
+    rows = [Tokenized([3] * n, [3] * n) for n in (2, 5, 3, 4, 1)]
+    batches = micro_batches(rows, 2, pad_id=2)
+    assert [b["input_ids"].shape for b in batches] == [(2, 5), (2, 4), (1, 1)]
 
 
 def test_weight_decay_skips_norms_and_biases():

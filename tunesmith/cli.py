@@ -11,7 +11,7 @@ import click
 import typer
 
 from tunesmith.console import quiet_libraries
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingStopped, TunesmithError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune open language models on your own data.")
@@ -27,13 +27,23 @@ def _load(config: Path, overrides: list[str]):
 
 @app.command(context_settings=OVERRIDES)
 def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file"),
+          resume: bool = typer.Option(False, "--resume", help="continue the run in output.dir from its newest "
+                                      "intact checkpoint"),
+          checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="with --resume: a named checkpoint, "
+                                                   "e.g. step-000200"),
+          force: bool = typer.Option(False, "--force", help="with --resume: resume even if batching, data or "
+                                     "method changed"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in output.dir"),
           ) -> None:
     """Fine-tune: train CONFIG.yaml [--section.key=value ...] writes a run directory at output.dir."""
-    cfg = _load(config, ctx.args)
+    args = ctx.args + (["--output.overwrite=true"] if overwrite else [])
+    cfg = _load(config, args)
+    if (checkpoint or force) and not resume:
+        raise TunesmithError("--checkpoint and --force only make sense with --resume")
     quiet_libraries()
     from tunesmith.training.loop import train as run_training
 
-    run_training(cfg)
+    run_training(cfg, resume=resume, checkpoint=checkpoint, force=force)
 
 
 @app.command(context_settings=OVERRIDES)
@@ -167,6 +177,9 @@ def download(name: str = typer.Argument("smollm2-135m-instruct", help="short nam
 def main() -> None:
     try:
         code = app(standalone_mode=False)
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
     except TunesmithError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

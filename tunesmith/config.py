@@ -96,6 +96,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto` picks bf16 autocast where the device supports it, else fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: stop (naming the step), or skip that update and count it."""
+    auto_micro_batch: bool = False
+    """On out-of-memory, halve the micro-batch (same rows per step, so the same training) and retry."""
     log_interval: int = Field(1, ge=1)
     """Console refresh interval in steps; metrics.jsonl gets every step regardless."""
 

@@ -15,3 +15,11 @@ class DataError(TunesmithError):
 
 class ModelError(TunesmithError):
     pass
+
+
+class TrainingStopped(TunesmithError):
+    """The run stopped on purpose (a signal, or a requested step) after writing a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

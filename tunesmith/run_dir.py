@@ -54,6 +54,16 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def update_run_info(run_dir: Path, **fields: Any) -> None:
+    """Merge fields into run.json (status, steps, ...), atomically."""
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    info.update(fields)
+    if fields.get("status") in ("running", "complete"):
+        info.pop("error", None)
+    write_json(path, info)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:

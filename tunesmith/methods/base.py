@@ -32,6 +32,10 @@ class Method(ABC):
         """Write what training changed (safetensors) so `load` can rebuild the trained model."""
 
     @abstractmethod
+    def restore(self, model: nn.Module, saved_dir: Path) -> None:
+        """Put `save`'s weights back into a model fresh from `build`, still trainable (resume)."""
+
+    @abstractmethod
     def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
         """Rebuild the trained model from `save`'s output; `load_base` loads the base model when needed."""
 

@@ -54,12 +54,15 @@ class FreezeMethod(Method):
         tensors = {n: p.detach().contiguous() for n, p in self.trainable_parameters(model)}
         save_file(tensors, str(out_dir / WEIGHTS))
 
-    def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
-        model = load_base()
-        tensors = load_file(str(saved_dir / WEIGHTS))
+    def restore(self, model: nn.Module, saved_dir: Path) -> None:
+        tensors = load_file(str(saved_dir / WEIGHTS), device=str(next(model.parameters()).device))
         result = model.load_state_dict(tensors, strict=False)
         if result.unexpected_keys:
             raise ConfigError(f"{saved_dir}: weights do not fit this base model: {result.unexpected_keys[:3]}")
+
+    def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
+        model = load_base()
+        self.restore(model, saved_dir)
         return model
 
     def merge(self, model: nn.Module) -> nn.Module:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from tunesmith.errors import ConfigError
 from tunesmith.methods.base import LoadBase, Method
 
 
@@ -26,6 +27,16 @@ class LoraMethod(Method):
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+
+    def restore(self, model: nn.Module, saved_dir: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(saved_dir / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+        result = set_peft_model_state_dict(model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing:
+            raise ConfigError(f"{saved_dir}: the adapter does not fit this model (missing {missing[:3]})")
 
     def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
         from peft import PeftModel

@@ -31,14 +31,34 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(data: list[Tokenized], size: int, seed: int, pad_id: int) -> Iterator[tuple[int, dict]]:
-    """Endless (epoch, micro-batch) stream; each epoch is a fresh seeded permutation of all rows."""
-    epoch = 0
-    while True:
-        order = epoch_order(len(data), seed, epoch)
-        for start in range(0, len(order), size):
-            yield epoch, collate([data[i] for i in order[start:start + size]], pad_id)
-        epoch += 1
+class RowStream:
+    """Rows in a fresh seeded order each epoch, endlessly. `position` (rows handed out so far) is its whole
+    state, so a resumed run continues with exactly the row an uninterrupted run would have seen next."""
+
+    def __init__(self, n_rows: int, seed: int, position: int = 0):
+        self.n_rows, self.seed, self.position = n_rows, seed, position
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n_rows
+
+    def take(self, k: int) -> list[int]:
+        """The next k row indices (an optimizer step may run across an epoch boundary)."""
+        out = []
+        for _ in range(k):
+            epoch, offset = divmod(self.position, self.n_rows)
+            if epoch != self._order_epoch:
+                self._order, self._order_epoch = epoch_order(self.n_rows, self.seed, epoch), epoch
+            out.append(self._order[offset])
+            self.position += 1
+        return out
+
+
+def micro_batches(rows: list[Tokenized], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Split one optimizer step's rows into padded micro-batches of `size` rows."""
+    return [collate(rows[i:i + size], pad_id) for i in range(0, len(rows), size)]
 
 
 def eval_batches(data: list[Tokenized], size: int, pad_id: int) -> Iterator[dict]:

@@ -24,14 +24,17 @@ from tunesmith.config import Config
 from tunesmith.data.pipeline import PreparedData, prepare_data
 from tunesmith.data.templates import IGNORE, install_template, resolve_template
 from tunesmith.device import autocast, pick_device, pick_precision
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TrainingStopped, TunesmithError
 from tunesmith.evaluate import mean_loss
 from tunesmith.methods import describe_counts, get_method
 from tunesmith.models import load_causal_lm, load_tokenizer, resolve
-from tunesmith.run_dir import prepare_run_dir, write_json, write_jsonl
-from tunesmith.training.batching import micro_batches
+from tunesmith.run_dir import is_run_dir, prepare_run_dir, update_run_info, write_json, write_jsonl
+from tunesmith.training.batching import RowStream, micro_batches
+from tunesmith.training.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
+                                           load_checkpoint, read_state, save_checkpoint, sha256_file)
+from tunesmith.training.interrupts import EXIT_CODES, StopOnSignal
 from tunesmith.training.loss import token_loss_sum
-from tunesmith.training.metrics import MetricsLog, plot_losses
+from tunesmith.training.metrics import MetricsLog, plot_losses, truncate_metrics
 from tunesmith.training.optim import build_optimizer, build_scheduler
 
 
@@ -69,24 +72,80 @@ def write_run_files(run_dir: Path, cfg: Config, source, tokenizer, data: Prepare
     })
 
 
-def save_checkpoint(method, model, run_dir: Path, step: int, keep_last: int, state: dict) -> Path:
-    """Write to a temporary directory and rename, so a checkpoint directory is always complete."""
-    root = run_dir / "checkpoints"
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    method.save(model, tmp)
-    shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")  # each checkpoint says how it was made
-    write_json(tmp / "trainer_state.json", state)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep_last]:  # only after the new one is complete
-        shutil.rmtree(old)
-    return final
+def data_hashes(cfg: Config) -> dict[str, str | None]:
+    """Content hashes of the data files, so a resume can tell that the data changed underneath the run."""
+    hashes = {}
+    for key in ("train_file", "val_file", "test_file"):
+        path = getattr(cfg.data, key)
+        hashes[key] = sha256_file(Path(path)) if path else None
+    return hashes
 
 
-def train(cfg: Config, log=print) -> Path:
-    """Run one fine-tuning job described by `cfg`; returns the run directory."""
+def open_run_dir(cfg: Config, resume: bool) -> Path:
+    """A new run directory, or (resume) the existing one; an existing run is never silently replaced."""
+    run_dir = Path(cfg.output.dir)
+    if not resume:
+        return prepare_run_dir(cfg)
+    if cfg.output.overwrite:
+        raise TunesmithError("--resume and --overwrite contradict each other: resume continues the run, "
+                             "overwrite deletes it")
+    if not is_run_dir(run_dir):
+        raise TunesmithError(f"nothing to resume: {run_dir} is not a tunesmith run directory")
+    clean_temporary(run_dir)
+    return run_dir
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+OOM_ADVICE = ("Lower train.micro_batch_size (raise train.grad_accum_steps to keep the effective batch), "
+              "lower data.max_seq_length, or use LoRA instead of full fine-tuning; "
+              "train.auto_micro_batch: true finds a micro-batch that fits by itself.")
+
+
+def accumulate_gradients(model, rows, micro: int, pad_id: int, device, precision: str, auto: bool, log
+                         ) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's rows in micro-batches; returns (loss, micro-batch size).
+
+    The loss is summed over all micro-batches and divided by the label tokens of the whole step (DESIGN
+    rule 1). On out-of-memory with `auto`, the same rows are re-split into halved micro-batches: the
+    step's content and loss are unchanged, only the split is.
+    """
+    n_targets = sum(r.n_targets for r in rows)
+    while True:
+        try:
+            loss_sum = 0.0
+            for batch in micro_batches(rows, micro, pad_id):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, precision):
+                    summed, _ = token_loss_sum(model, batch)
+                (summed / n_targets).backward()  # normalised over the whole step, not per micro-batch
+                loss_sum += float(summed.detach())
+            return loss_sum / n_targets, micro
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            model.zero_grad(set_to_none=True)  # drop the partial gradients of this attempt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not auto or micro == 1:
+                raise TunesmithError(f"out of memory with micro-batches of {micro} rows "
+                                     f"(longest row {max(len(r.input_ids) for r in rows)} tokens). {OOM_ADVICE}") from None
+            micro = max(1, micro // 2)
+            log(f"out of memory: retrying this step with micro-batches of {micro} rows "
+                "(same rows per optimizer step, so the training is unchanged)")
+
+
+def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None = None, force: bool = False,
+          stop_at_step: int | None = None) -> Path:
+    """Run one fine-tuning job described by `cfg`; returns the run directory.
+
+    resume: continue the run in `output.dir` from its newest intact checkpoint (or `checkpoint`, by name);
+    force: resume even if settings that change the run (batching, data, method) differ;
+    stop_at_step: stop after this step as if preempted (checkpoint, then TrainingStopped).
+    """
     tc = cfg.train
     seed_everything(tc.seed)
     device = pick_device(tc.device)
@@ -95,8 +154,10 @@ def train(cfg: Config, log=print) -> Path:
     # ---- data: read, split, render, tokenize (the report is printed before any model is loaded)
     source, tokenizer, data = load_data_and_tokenizer(cfg)
     log(data.report.to_text())
-    run_dir = prepare_run_dir(cfg)
-    write_run_files(run_dir, cfg, source, tokenizer, data)
+    run_dir = open_run_dir(cfg, resume)
+    if not resume:
+        write_run_files(run_dir, cfg, source, tokenizer, data)
+    identity = fingerprint(cfg, data_hashes(cfg))
 
     # ---- model: load the base, let the method decide what trains
     method = get_method(cfg.method)
@@ -109,65 +170,118 @@ def train(cfg: Config, log=print) -> Path:
     steps = total_steps(cfg, len(data.train))
     optimizer = build_optimizer(params, tc)
     scheduler = build_scheduler(optimizer, steps, tc)
+    stream = RowStream(len(data.train), tc.seed)
     rows_per_step = tc.micro_batch_size * tc.grad_accum_steps
+    micro, start, skipped = tc.micro_batch_size, 0, 0
+
+    # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
+    if resume:
+        ckpt = find_checkpoint(run_dir, checkpoint)
+        state = read_state(ckpt)
+        for change in check_resumable(state["fingerprint"], identity, force):
+            log(f"warning (--force): {change}")
+        load_checkpoint(ckpt, state, method, model, optimizer, scheduler)
+        start, stream.position = state["step"], state["data_position"]
+        micro, skipped = state["micro_batch_size"], state["skipped_steps"]
+        truncate_metrics(run_dir / "metrics.jsonl", start)  # later lines came from the lost part of the run
+        log(f"resuming from {ckpt.name}: step {start} of {steps}, epoch {stream.epoch}")
+    if start >= steps:
+        raise TunesmithError(f"the checkpoint is at step {start} and the run has {steps} steps; "
+                             "raise train.max_steps (or train.epochs) to train further")
+    update_run_info(run_dir, status="running", **({"resumed_from": f"step-{start:06d}"} if resume else {}))
     log(f"training {steps} steps of {rows_per_step} rows ({tc.micro_batch_size} × {tc.grad_accum_steps} accumulation) "
         f"on {device.type} in {precision}; run dir {run_dir}")
 
-    metrics = MetricsLog(run_dir)
-    stream = micro_batches(data.train, tc.micro_batch_size, tc.seed, tokenizer.pad_token_id)
+    def checkpoint_now(step: int) -> Path:
+        return save_checkpoint(run_dir, step, method, model, optimizer, scheduler, {
+            "data_position": stream.position, "epoch": stream.epoch, "micro_batch_size": micro,
+            "skipped_steps": skipped, "fingerprint": identity}, cfg.checkpoint.keep_last)
+
+    metrics = MetricsLog(run_dir, purge_step=start + 1 if resume else None)
     pad_id = tokenizer.pad_token_id
-    bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     model.train()
     seen_tokens, started = 0, time.perf_counter()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        window = [next(stream) for _ in range(tc.grad_accum_steps)]
-        n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for _, b in window)
-        loss_sum = 0.0
-        for _, batch in window:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, precision):
-                summed, _ = token_loss_sum(model, batch)
-            (summed / n_targets).backward()  # normalised over the whole step, not per micro-batch
-            loss_sum += float(summed.detach())
-        loss = loss_sum / n_targets
-        if not math.isfinite(loss):
-            raise TunesmithError(f"step {step}: the loss is {loss}. Usual causes: a learning rate too high "
-                                 f"(train.lr is {tc.lr}), or a bad data row. Checkpoints in {run_dir} are kept.")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], tc.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    try:
+        with StopOnSignal() as signals:
+            for step in range(start + 1, steps + 1):
+                t0 = time.perf_counter()
+                rows = [data.train[i] for i in stream.take(rows_per_step)]
+                loss, micro = accumulate_gradients(model, rows, micro, pad_id, device, precision,
+                                                   tc.auto_micro_batch, bar.write)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params],
+                                                                 tc.max_grad_norm or float("inf")))
+                lr = scheduler.get_last_lr()[0]
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                elif tc.on_nan == "stop":
+                    last = sorted((run_dir / "checkpoints").glob("step-*"))
+                    raise TunesmithError(
+                        f"step {step}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+                        f"{loss if not math.isfinite(loss) else grad_norm}. Usual causes: a learning rate too high "
+                        f"(train.lr is {tc.lr}), fp16 overflow, or a bad data row. The last good checkpoint is "
+                        f"{last[-1] if last else 'none (set checkpoint.interval)'}; train.on_nan: skip skips such "
+                        "steps instead.")
+                else:
+                    skipped += 1
+                    bar.write(f"step {step}: non-finite loss or gradients; update skipped ({skipped} so far)")
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        tokens = sum(int(b["attention_mask"].sum()) for _, b in window)
-        seen_tokens += tokens
-        elapsed = time.perf_counter() - t0
-        metrics.write({"step": step, "epoch": window[-1][0], "loss": loss, "lr": lr,
-                       "grad_norm": float(grad_norm), "tokens": tokens, "trained_tokens": n_targets,
-                       "tokens_per_s": tokens / elapsed, "step_time_s": elapsed})
-        bar.update(1)
-        if step % tc.log_interval == 0 or step == steps:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen_tokens / (time.perf_counter() - started):.0f}")
+                tokens = sum(len(r.input_ids) for r in rows)
+                seen_tokens += tokens
+                elapsed = time.perf_counter() - t0
+                metrics.write({"step": step, "epoch": stream.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                               "tokens": tokens, "trained_tokens": sum(r.n_targets for r in rows),
+                               "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                               **({"skipped": True} if not finite else {})})
+                bar.update(1)
+                if step % tc.log_interval == 0 or step == steps:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{seen_tokens / (time.perf_counter() - started):.0f}")
 
-        last = step == steps
-        if data.val and ((cfg.eval.interval and step % cfg.eval.interval == 0) or last):
-            val_loss, _ = mean_loss(model, data.val, cfg.eval.batch_size, pad_id, precision, cfg.eval.max_batches)
-            metrics.write({"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
-            bar.write(f"step {step}: val_loss {val_loss:.4f}  perplexity {math.exp(min(val_loss, 50)):.2f}")
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and not last:
-            save_checkpoint(method, model, run_dir, step, cfg.checkpoint.keep_last,
-                            {"step": step, "loss": loss, "lr": lr})
-    bar.close()
-    metrics.close()
+                last = step == steps
+                if data.val and ((cfg.eval.interval and step % cfg.eval.interval == 0) or last):
+                    val_loss, _ = mean_loss(model, data.val, cfg.eval.batch_size, pad_id, precision,
+                                            cfg.eval.max_batches)
+                    metrics.write({"step": step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
+                    bar.write(f"step {step}: val_loss {val_loss:.4f}  perplexity {math.exp(min(val_loss, 50)):.2f}")
+                stopping = signals.requested or step == stop_at_step
+                if not last and (stopping or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)):
+                    saved = checkpoint_now(step)
+                if stopping and not last:
+                    code = EXIT_CODES.get(signals.signum, 0) if signals.signum else 0
+                    update_run_info(run_dir, status="interrupted", step=step)
+                    raise TrainingStopped(f"stopped after step {step}; checkpoint {saved}. Continue with: "
+                                          f"tunesmith train CONFIG --resume --output.dir={run_dir}", code)
+    except TrainingStopped:
+        raise
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        update_run_info(run_dir, status=status, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        raise
+    finally:
+        bar.close()
+        metrics.close()
 
     # ---- outputs: final weights/adapter, loss curve, status
-    method.save(model, run_dir / "final")
-    shutil.copy2(run_dir / "config.yaml", run_dir / "final" / "config.yaml")
+    save_final(method, model, run_dir)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    info.update(status="complete", steps=steps, train_time_s=round(time.perf_counter() - started, 1),
-                device=device.type, precision=precision)
-    write_json(run_dir / "run.json", info)
+    update_run_info(run_dir, status="complete", steps=steps, skipped_steps=skipped,
+                    train_time_s=round(time.perf_counter() - started, 1), device=device.type, precision=precision)
     log(f"done: {run_dir / 'final'}  (loss curve: {run_dir / 'loss.png'})")
     return run_dir
+
+
+def save_final(method, model, run_dir: Path) -> None:
+    """final/ appears complete or not at all (a resumed run replaces it only once the new one is written)."""
+    tmp, final, old = run_dir / ".final.tmp", run_dir / "final", run_dir / ".final.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.save(model, tmp)
+    shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,346 @@
+"""Runs that survive: each fault is injected and the outcome asserted (tiny model, CPU, seconds)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.errors import TrainingStopped, TunesmithError
+from tunesmith.training.checkpoint import CheckpointError
+from tunesmith.training.loop import train
+
+
+def quiet(*_):
+    pass
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def val_losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted((run / "final").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical: the same loss at every step, the same validation losses, the same final weights."""
+    assert losses(a) == losses(b)
+    assert val_losses(a) == val_losses(b)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+# 32 training rows, 4 rows per optimizer step (2 × accumulation 2) = 8 steps per epoch; 12 steps cross an epoch.
+RESUMABLE = dict(train={"max_steps": 12, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 1e-2,
+                        "lr_scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01},
+                 eval={"interval": 3}, checkpoint={"interval": 4, "keep_last": 2})
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "dropout": 0.2}, {"name": "full"}, {"name": "freeze", "trainable_layers": 1}])
+def test_resume_is_exact(make_config, tmp_path, method):
+    whole = train(make_config(method=method, output={"dir": str(tmp_path / "whole")}, **RESUMABLE), log=quiet)
+
+    cfg = make_config(method=method, output={"dir": str(tmp_path / "split")}, **RESUMABLE)
+    with pytest.raises(TrainingStopped, match="stopped after step 5"):
+        train(cfg, log=quiet, stop_at_step=5)  # mid-epoch, and not on a checkpoint interval
+    assert (tmp_path / "split" / "checkpoints" / "step-000005").exists()
+    assert json.loads((tmp_path / "split" / "run.json").read_text())["status"] == "interrupted"
+    train(cfg, log=quiet, resume=True)  # continues across the epoch boundary at step 8
+    assert_same_run(whole, tmp_path / "split")
+    assert json.loads((tmp_path / "split" / "run.json").read_text())["status"] == "complete"
+
+
+def test_resume_from_a_named_checkpoint_rewinds_the_metrics(make_config, tmp_path):
+    cfg = make_config(output={"dir": str(tmp_path / "run")}, **RESUMABLE)
+    whole = train(make_config(output={"dir": str(tmp_path / "whole")}, **RESUMABLE), log=quiet)
+    with pytest.raises(TrainingStopped):
+        train(cfg, log=quiet, stop_at_step=9)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000008", "step-000009"]
+    train(cfg, log=quiet, resume=True, checkpoint="step-000008")  # metrics of step 9 are written again, once
+    assert_same_run(whole, tmp_path / "run")
+
+
+def test_checkpoint_files_are_safetensors_and_json_only(make_config):
+    run = train(make_config(**RESUMABLE), log=quiet)
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors",
+            "trainer_state.json", "config.yaml", "manifest.json"} <= names
+    assert all(n.endswith((".safetensors", ".json", ".yaml", ".md")) for n in names), names
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert {"step", "data_position", "scheduler", "rng", "fingerprint"} <= state.keys()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["complete"] and set(manifest["files"]) == names - {"manifest.json"}
+
+
+# ----------------------------------------------------------------------------- refusing a changed run
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"train": {"micro_batch_size": 4}}, "train.micro_batch_size"),
+    ({"train": {"grad_accum_steps": 1}}, "train.grad_accum_steps"),
+    ({"method": {"name": "full"}}, "method"),
+])
+def test_resume_refuses_a_changed_run_unless_forced(make_config, tmp_path, change, field):
+    cfg = make_config(**RESUMABLE)
+    with pytest.raises(TrainingStopped):
+        train(cfg, log=quiet, stop_at_step=4)
+    sections = {k: {**RESUMABLE.get(k, {}), **v} for k, v in change.items()}
+    changed = make_config(**{**RESUMABLE, **sections})
+    with pytest.raises(CheckpointError, match=field.replace(".", r"\.")):
+        train(changed, log=quiet, resume=True)
+    if field != "method":  # a different method cannot even load the weights; batching can be forced
+        train(changed, log=quiet, resume=True, force=True)
+
+
+def test_resume_refuses_changed_data(make_config, tmp_path):
+    cfg = make_config(**RESUMABLE)
+    with pytest.raises(TrainingStopped):
+        train(cfg, log=quiet, stop_at_step=4)
+    data = Path(cfg.data.train_file)
+    data.write_text(data.read_text() + json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    with pytest.raises(CheckpointError, match=r"data\.train_file \(sha256\)"):
+        train(cfg, log=quiet, resume=True)
+
+
+def test_runs_are_never_overwritten(make_config):
+    cfg = make_config(train={"max_steps": 2})
+    train(cfg, log=quiet)
+    with pytest.raises(TunesmithError, match="already exists"):
+        train(cfg, log=quiet)
+    with pytest.raises(TunesmithError, match="contradict"):
+        train(make_config(train={"max_steps": 2}, output={"dir": cfg.output.dir, "overwrite": True}),
+              log=quiet, resume=True)
+    with pytest.raises(TunesmithError, match="nothing to resume"):
+        train(make_config(output={"dir": cfg.output.dir + "-new"}), log=quiet, resume=True)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _stopped_run(make_config, at: int = 8):
+    cfg = make_config(**RESUMABLE)
+    with pytest.raises(TrainingStopped):
+        train(cfg, log=quiet, stop_at_step=at)
+    return cfg, Path(cfg.output.dir)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "unmarked", "flip"])
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(make_config, tmp_path, damage):
+    cfg, run = _stopped_run(make_config, at=6)  # checkpoints step-4 and step-6
+    newest = run / "checkpoints" / "step-000006"
+    weights = newest / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "zero":
+        weights.write_bytes(b"")
+    elif damage == "unmarked":
+        (newest / "manifest.json").unlink()
+    else:
+        raw = bytearray(weights.read_bytes())
+        raw[-5] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-000006"):
+        train(cfg, log=quiet, resume=True)
+    whole = train(make_config(output={"dir": str(tmp_path / "whole")}, **RESUMABLE), log=quiet)
+    assert_same_run(whole, run)  # resumed from step 4, still the same run
+    with pytest.raises(CheckpointError, match="damaged"):
+        from tunesmith.training.checkpoint import find_checkpoint
+        find_checkpoint(run, "step-000006")
+
+
+def test_no_intact_checkpoint_is_a_clear_error(make_config):
+    cfg, run = _stopped_run(make_config, at=2)
+    (run / "checkpoints" / "step-000002" / "manifest.json").unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train(cfg, log=quiet, resume=True)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(make_config, monkeypatch):
+    from tunesmith.methods.lora import LoraMethod
+
+    cfg = make_config(**RESUMABLE)
+    real_save = LoraMethod.save
+
+    def save(self, model, out_dir):
+        if "step-000008" in str(out_dir):
+            (out_dir / "adapter_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, model, out_dir)
+
+    monkeypatch.setattr(LoraMethod, "save", save)
+    with pytest.raises(CheckpointError, match="step 8.*the disk is full.*step-000004 is intact"):
+        train(cfg, log=quiet)
+    ckpts = Path(cfg.output.dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004"]  # no half-written leftover
+    from tunesmith.training.checkpoint import problems
+    assert problems(ckpts / "step-000004") == []
+    assert json.loads((Path(cfg.output.dir) / "run.json").read_text())["status"] == "failed"
+
+
+def test_keep_last_deletes_only_older_complete_checkpoints(make_config):
+    cfg = make_config(**{**RESUMABLE, "checkpoint": {"interval": 1, "keep_last": 1}})
+    train(cfg, log=quiet)
+    assert [p.name for p in (Path(cfg.output.dir) / "checkpoints").iterdir()] == ["step-000011"]
+
+
+# ----------------------------------------------------------------------------- NaN and out-of-memory
+
+
+def _poison(monkeypatch, at_steps: set[int]):
+    """Make the loss NaN on the given optimizer steps (counted by calls, one micro-batch per step)."""
+    from tunesmith.training import loop
+
+    real, calls = loop.token_loss_sum, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        summed, n = real(model, batch)
+        return (summed * float("nan"), n) if calls["n"] in at_steps else (summed, n)
+
+    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+
+
+def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_config, monkeypatch):
+    _poison(monkeypatch, {6})
+    cfg = make_config(train={"max_steps": 10, "micro_batch_size": 4}, checkpoint={"interval": 2, "keep_last": 5})
+    with pytest.raises(TunesmithError, match=r"step 6: the loss is nan.*learning rate.*step-000004"):
+        train(cfg, log=quiet)
+    run = Path(cfg.output.dir)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+def test_nan_skip_policy_skips_the_update_and_counts_it(make_config, monkeypatch):
+    _poison(monkeypatch, {3, 5})
+    cfg = make_config(train={"max_steps": 6, "micro_batch_size": 4, "on_nan": "skip"})
+    run = train(cfg, log=quiet)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [3, 5]
+    assert json.loads((run / "run.json").read_text())["skipped_steps"] == 2
+    weights = final_weights(run)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _fake_oom(monkeypatch, above_rows: int):
+    from tunesmith.training import loop
+
+    real = loop.token_loss_sum
+
+    def limited(model, batch):
+        if batch["input_ids"].shape[0] > above_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "token_loss_sum", limited)
+
+
+def test_out_of_memory_gives_advice(make_config, monkeypatch):
+    _fake_oom(monkeypatch, above_rows=1)
+    with pytest.raises(TunesmithError, match="out of memory with micro-batches of 4 rows.*grad_accum_steps.*auto_micro_batch"):
+        train(make_config(train={"max_steps": 2, "micro_batch_size": 4}), log=quiet)
+
+
+def test_auto_micro_batch_keeps_the_same_training(make_config, monkeypatch, tmp_path):
+    reference = train(make_config(train={"max_steps": 3, "micro_batch_size": 4}, output={"dir": str(tmp_path / "a")}),
+                      log=quiet)
+    _fake_oom(monkeypatch, above_rows=1)
+    messages: list[str] = []
+    run = train(make_config(train={"max_steps": 3, "micro_batch_size": 4, "auto_micro_batch": True},
+                            output={"dir": str(tmp_path / "b")}), log=messages.append)
+    got, want = losses(run), losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- real signals, real processes
+
+
+def _cli(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _write_config(tmp_path: Path, cfg, name: str) -> Path:
+    data = cfg.to_dict()
+    data["output"]["dir"] = str(tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+SLOW = dict(train={"max_steps": 40, "micro_batch_size": 2, "grad_accum_steps": 2, "lr": 1e-2},
+            eval={"interval": 10}, checkpoint={"interval": 1, "keep_last": 2})
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_config, tmp_path):
+    cfg = make_config(**SLOW)
+    whole = train(make_config(**SLOW, output={"dir": str(tmp_path / "whole")}), log=quiet)
+    config = _write_config(tmp_path, cfg, "term")
+    run = tmp_path / "term"
+    proc = _cli(config)
+    _wait_for(lambda: (run / "checkpoints" / "step-000002").exists())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM received" in err and "--resume" in err and "Traceback" not in err
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert (run / "checkpoints" / f"step-{info['step']:06d}").exists()
+    assert max(s for s, _ in losses(run)) == info["step"]  # the step in flight was finished, not cut
+
+    resumed = _cli(config, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_run(whole, run)
+
+
+def test_kill_9_at_a_random_moment_leaves_a_resumable_run(make_config, tmp_path):
+    cfg = make_config(**SLOW)
+    whole = train(make_config(**SLOW, output={"dir": str(tmp_path / "whole")}), log=quiet)
+    config = _write_config(tmp_path, cfg, "killed")
+    run = tmp_path / "killed"
+    proc = _cli(config)
+    _wait_for(lambda: (run / "checkpoints" / "step-000003").exists())
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # anywhere: mid-step, mid-save, mid-eval
+    proc.kill()
+    proc.wait(timeout=30)
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # it really died mid-run
+    resumed = _cli(config, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_run(whole, run)
+    assert json.loads((run / "run.json").read_text())["resumed_from"].startswith("step-")
+    assert not list((run / "checkpoints").glob(".tmp-*"))
