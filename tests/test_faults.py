@@ -344,3 +344,129 @@ def test_kill_9_at_a_random_moment_leaves_a_resumable_run(make_config, tmp_path)
     assert_same_run(whole, run)
     assert json.loads((run / "run.json").read_text())["resumed_from"].startswith("step-")
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def test_duplicates_and_leakage_are_counted_and_optionally_removed(tmp_path, tiny_tokenizer):
+    from conftest import alpaca_rows, write_jsonl
+    from tunesmith.config import DataConfig
+    from tunesmith.data.pipeline import prepare_data
+    from tunesmith.data.templates import CHATML, install_template
+
+    install_template(tiny_tokenizer, CHATML)
+    rows = [{"instruction": "Say", "input": f"w{i}", "output": f"W{i}"} for i in range(20)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows + rows[:3] + [dict(reversed(list(rows[4].items())))])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[10:12])
+    kept = prepare_data(DataConfig(train_file=str(train), test_file=str(test), val_size=0), tiny_tokenizer)
+    report = kept.report.to_dict()["duplicates"]
+    assert report == {"duplicates": 4, "leaked_into_val": 0, "leaked_into_test": 2, "removed": False}
+    assert len(kept.train) == 24
+    assert "4 exact duplicate rows" in kept.report.to_text()
+
+    cleaned = prepare_data(DataConfig(train_file=str(train), test_file=str(test), val_size=0, dedup=True),
+                           tiny_tokenizer)
+    assert cleaned.report.to_dict()["duplicates"]["removed"] is True
+    assert len(cleaned.train) == 18  # 20 unique, minus the 2 that are test rows
+
+
+def test_rows_without_trainable_tokens_are_counted_and_dropped(tmp_path, tiny_tokenizer):
+    from tunesmith.config import DataConfig
+    from tunesmith.data.formats import Example
+    from tunesmith.data.pipeline import tokenize_split
+    from tunesmith.data.templates import CHATML, install_template
+
+    install_template(tiny_tokenizer, CHATML)
+    long_prompt = Example(messages=[{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "ok"}])
+    kept, report = tokenize_split("train", [long_prompt], tiny_tokenizer,
+                                  DataConfig(max_seq_length=50, overlong="truncate"))
+    assert kept == [] and report.dropped == {"no trainable tokens": 1}
+
+
+# ----------------------------------------------------------------------------- untrusted inputs
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickled_dataset_is_refused_unopened(tmp_path):
+    import pickle
+
+    from tunesmith.data.reading import read_rows
+    from tunesmith.errors import DataError
+
+    marker = tmp_path / "pwned"
+    for name in ("rows.pkl", "rows.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+        with pytest.raises(DataError, match="pickle"):
+            read_rows(path)
+    assert not marker.exists()
+
+
+def test_a_pickle_in_a_checkpoint_is_never_loaded(make_config, tmp_path):
+    import pickle
+
+    cfg, run = _stopped_run(make_config, at=4)
+    marker = tmp_path / "pwned"
+    ckpt = run / "checkpoints" / "step-000004"
+    (ckpt / "optimizer.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.warns(UserWarning, match="does not match its checksum|bytes"), pytest.raises(CheckpointError):
+        train(cfg, log=quiet, resume=True)
+    assert not marker.exists()
+    # Even with a manifest forged to match, the file is read as safetensors, never unpickled.
+    from tunesmith.training.checkpoint import write_manifest
+    write_manifest(ckpt, 4)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors.*not a valid safetensors file"):
+        train(cfg, log=quiet, resume=True)
+    assert not marker.exists()
+
+
+def test_malformed_safetensors_or_gguf_header_is_a_clear_error(tmp_path, tiny_model_dir):
+    import resource
+    import shutil
+    import struct
+
+    from tunesmith.errors import ModelError
+    from tunesmith.models import load_causal_lm, resolve
+
+    bad = tmp_path / "bad-model"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")  # header claims 1 TiB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelError, match="could not load the model from .*bad-model.*damaged"):
+        load_causal_lm(resolve(str(bad)))
+
+    gguf = tmp_path / "bad.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62) + b"\0" * 64)  # absurd tensor/key counts
+    with pytest.raises(ModelError, match="bad.gguf"):
+        load_causal_lm(resolve(str(gguf)))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500  # no attempt to allocate what the headers claim
+
+
+def test_remote_code_stays_off_unless_asked(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models import load_causal_lm, resolve
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_causal_lm(resolve(str(tiny_model_dir)))
+    assert seen["trust_remote_code"] is False
+    from tunesmith.config import ModelConfig
+    assert ModelConfig().trust_remote_code is False

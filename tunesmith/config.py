@@ -48,6 +48,9 @@ class DataConfig(Section):
     """System message for rows that have none; chat and generate use it too, so training and use match."""
     train_on_prompt: bool = False
     on_bad_row: Literal["error", "skip"] = "error"
+    dedup: bool = False
+    """Drop exact duplicate training rows, and training rows that also appear in val or test (leakage).
+    Either way the data report counts them."""
 
     @field_validator("val_size", "test_size")
     @classmethod

@@ -112,16 +112,23 @@ def _hub_error(source: ModelSource, exc: Exception) -> ModelError:
                       "  Pass a local directory or .gguf file, or a short name such as smollm2-135m-instruct.")
 
 
+def _load_error(what: str, source: ModelSource, exc: Exception) -> ModelError:
+    """A local model that fails to load is damaged or not a model; a hub id that fails is a network matter."""
+    if not Path(source.path).exists():
+        return _hub_error(source, exc)
+    where = Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
+    return ModelError(f"could not load the {what} from {where}: it is damaged, incomplete or not a supported "
+                      f"model.\n  {type(exc).__name__}: {str(exc)[:300]}")
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, revision=revision,
                                              **source.kwargs())
-    except OSError as exc:
-        if Path(source.path).exists():
-            raise ModelError(f"could not load the tokenizer from {source.path}: {exc}") from None
-        raise _hub_error(source, exc) from None
+    except Exception as exc:  # noqa: BLE001 - any failure on a local file is the file's fault: say which
+        raise _load_error("tokenizer", source, exc) from None
 
 
 def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -131,10 +138,8 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32, trus
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      revision=revision, **source.kwargs())
-    except OSError as exc:
-        if Path(source.path).exists():
-            raise ModelError(f"could not load the model from {source.path}: {exc}") from None
-        raise _hub_error(source, exc) from None
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error("model", source, exc) from None
     if source.gguf_file:
         clear_gguf_markers(model)
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,17 +51,37 @@ class SplitReport:
 
 
 @dataclass
+class OverlapReport:
+    """Exact duplicate rows in the training file, and training rows that also appear in val or test."""
+
+    duplicates: int = 0
+    leaked_into_val: int = 0
+    leaked_into_test: int = 0
+    removed: bool = False
+
+    def any(self) -> bool:
+        return bool(self.duplicates or self.leaked_into_val or self.leaked_into_test)
+
+    def to_text(self) -> str:
+        parts = [f"{self.duplicates} exact duplicate rows in the training file",
+                 f"{self.leaked_into_val} training rows also in val", f"{self.leaked_into_test} also in test"]
+        action = "removed from train" if self.removed else "kept (data.dedup: true removes them)"
+        return "duplicates: " + ", ".join(parts) + f"; {action}"
+
+
+@dataclass
 class DataReport:
     format: str
     max_seq_length: int
     overlong: str
     splits: dict[str, SplitReport]
     skipped_rows: list[str] = field(default_factory=list)
+    checks: OverlapReport = field(default_factory=lambda: OverlapReport())
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "max_seq_length": self.max_seq_length, "overlong": self.overlong,
                 "bad_rows_skipped": len(self.skipped_rows), "bad_row_examples": self.skipped_rows[:10],
-                "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+                "duplicates": self.checks.__dict__, "splits": {k: v.to_dict() for k, v in self.splits.items()}}
 
     def to_text(self) -> str:
         lines = [f"Data report (format {self.format}, max_seq_length {self.max_seq_length}, "
@@ -69,6 +91,8 @@ class DataReport:
             lines += [f"    {m}" for m in self.skipped_rows[:5]]
             if len(self.skipped_rows) > 5:
                 lines.append(f"    ... and {len(self.skipped_rows) - 5} more")
+        if self.checks.any():
+            lines.append("  " + self.checks.to_text())
         for name, s in self.splits.items():
             d = s.to_dict()
             line = f"  {name:<5} rows {s.rows:>6}  kept {s.kept:>6}  truncated {s.truncated:>5}"
@@ -116,6 +140,40 @@ def load_examples(path: str, cfg: DataConfig, fmt: str | None, skipped: list[str
     return fmt, out
 
 
+def content_key(example: Example) -> str:
+    """Rows with the same content after normalisation (column names and order do not matter) share a key."""
+    blob = json.dumps([example.messages, example.text], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def count_duplicates(pairs: list[tuple[Row, Example]]) -> int:
+    return len(pairs) - len({content_key(ex) for _, ex in pairs})
+
+
+def drop_duplicates(pairs: list[tuple[Row, Example]]) -> tuple[list[tuple[Row, Example]], int]:
+    """Keep the first of each set of identical rows; returns (rows, how many were dropped)."""
+    seen: set[str] = set()
+    kept = []
+    for row, ex in pairs:
+        key = content_key(ex)
+        if key not in seen:
+            seen.add(key)
+            kept.append((row, ex))
+    return kept, len(pairs) - len(kept)
+
+
+def check_overlap(train, val, test, remove: bool, duplicates: int):
+    """Count training rows whose content is also in val/test (leakage); drop them from train if `remove`."""
+    val_keys = {content_key(ex) for _, ex in val}
+    test_keys = {content_key(ex) for _, ex in test}
+    keys = [content_key(ex) for _, ex in train]
+    report = OverlapReport(duplicates=duplicates, leaked_into_val=sum(k in val_keys for k in keys),
+                           leaked_into_test=sum(k in test_keys for k in keys), removed=remove)
+    if remove:
+        train = [pair for pair, k in zip(train, keys) if k not in val_keys and k not in test_keys]
+    return train, report
+
+
 def tokenize_split(name: str, examples: list[Example], tokenizer, cfg: DataConfig) -> tuple[list[Tokenized], SplitReport]:
     report = SplitReport(name=name, rows=len(examples))
     out = []
@@ -143,6 +201,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     skipped: list[str] = []
     assert cfg.train_file is not None
     fmt, train_pairs = load_examples(cfg.train_file, cfg, None, skipped)
+    # Exact duplicates go first, so the seeded split cannot put copies of one row on both sides.
+    train_pairs, duplicates = drop_duplicates(train_pairs) if cfg.dedup else (train_pairs, count_duplicates(train_pairs))
     val_pairs = load_examples(cfg.val_file, cfg, fmt, skipped)[1] if cfg.val_file else None
     test_pairs = load_examples(cfg.test_file, cfg, fmt, skipped)[1] if cfg.test_file else None
     # Carve what the user did not provide as a file out of the training rows, with the seed.
@@ -151,6 +211,8 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
     train_pairs, carved_val, carved_test = seeded_split(train_pairs, carve_val, carve_test, cfg.seed)
     val_pairs = val_pairs if val_pairs is not None else carved_val
     test_pairs = test_pairs if test_pairs is not None else carved_test
+
+    train_pairs, checks = check_overlap(train_pairs, val_pairs, test_pairs, cfg.dedup, duplicates)
 
     splits = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
     examples = {k: [ex for _, ex in v] for k, v in splits.items()}
@@ -161,12 +223,12 @@ def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
         reports["test"] = tokenize_split("test", examples["test"], tokenizer, cfg)[1]
     if not train:
         raise DataError(f"{cfg.train_file}: every training row was dropped; see the data report:\n"
-                        + DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped).to_text())
+                        + DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped, checks).to_text())
     return PreparedData(
         format=fmt, train=train, val=val, test_examples=examples["test"],
         raw_splits={k: [row.data for row, _ in v] for k, v in splits.items()},
         examples=examples,
-        report=DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped),
+        report=DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped, checks),
     )
 
 

@@ -24,6 +24,9 @@ class ReadResult:
     """One message per bad row skipped under `on_bad_row: skip`."""
 
 
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".npy", ".npz")
+
+
 class BadRow(DataError):
     """A problem with one row; under `on_bad_row: skip` it is counted instead of raised."""
 
@@ -46,7 +49,12 @@ def read_rows(path: str | Path, on_bad_row: str = "error") -> ReadResult:
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
         raise DataError(f"{path} is a directory; data.train_file must name a .json or .jsonl file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise DataError(f"{path}: tunesmith reads data only from .json / .jsonl files; {path.suffix} files are "
+                        "Python pickles, which can run arbitrary code when loaded")
     raw = path.read_bytes()
+    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise DataError(f"{path}: this is a Python pickle, not JSON; refusing to load it (pickles can run code)")
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
     if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":

@@ -65,7 +65,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_manifest(directory: Path, step: int) -> None:
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST)):
         with path.open("rb") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the manifest says they are
         files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
@@ -216,15 +216,27 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
+def _tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=device)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad headers
+        raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
+
+
 def load_checkpoint(path: Path, state: dict[str, Any], method, model, optimizer, scheduler) -> None:
     """Put weights, optimizer, scheduler and RNG back as they were (`state` is `read_state(path)`)."""
+    for f in path.glob("*.safetensors"):  # check every header before touching the model
+        with f.open("rb") as handle:
+            header = handle.read(8)
+        if len(header) < 8 or int.from_bytes(header, "little") > min(f.stat().st_size, 100 << 20):
+            raise CheckpointError(f"{f} is not a valid safetensors file (bad header)")
     method.restore(model, path)
-    device = next(model.parameters()).device
-    opt = _optimizer_from_files(load_file(str(path / "optimizer.safetensors"), device=str(device)),
+    device = str(next(model.parameters()).device)
+    opt = _optimizer_from_files(_tensors(path / "optimizer.safetensors", device),
                                 json.loads((path / "optimizer.json").read_text(encoding="utf-8")))
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(load_file(str(path / "rng.safetensors")), state["rng"])
+    _restore_rng(_tensors(path / "rng.safetensors"), state["rng"])
 
 
 def clean_temporary(run_dir: Path) -> None:
