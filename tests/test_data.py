@@ -75,7 +75,7 @@ def test_eos_is_a_trained_label_when_pad_equals_eos(tiny_tokenizer):
     assert ids[-1] == tiny_tokenizer.eos_token_id
     assert labels[-1] == tiny_tokenizer.eos_token_id
     # and collation pads with the same id without masking the real EOS
-    from tunesmith.data.pipeline import Tokenized
+    from tunesmith.data.token_store import Tokenized
     from tunesmith.training.batching import collate
 
     short, long_ = Tokenized(ids, labels), Tokenized(ids + ids, labels + labels)
@@ -118,7 +118,7 @@ def test_unknown_template_is_a_config_error(tiny_tokenizer):
 def test_show_marks_trained_tokens(tiny_tokenizer):
     install_template(tiny_tokenizer, TINY_TEMPLATE)
     ids, labels = render(tiny_tokenizer, EXAMPLE)
-    from tunesmith.data.pipeline import Tokenized
+    from tunesmith.data.token_store import Tokenized
 
     text = show_examples(tiny_tokenizer, [Tokenized(ids, labels)], 1)
     assert "[Y]|[o]|[.]|[<|im_end|>]" in text

@@ -470,3 +470,33 @@ def test_remote_code_stays_off_unless_asked(tmp_path, tiny_model_dir, monkeypatc
     assert seen["trust_remote_code"] is False
     from tunesmith.config import ModelConfig
     assert ModelConfig().trust_remote_code is False
+
+
+def test_rows_are_streamed_not_read_whole(tmp_path):
+    from tunesmith.data.reading import iter_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{broken\n')
+    rows = iter_rows(path)
+    assert next(rows).data == {"text": "a"}  # yielded before the bad third line was ever parsed
+    assert next(rows).data == {"text": "b"}
+    with pytest.raises(TunesmithError, match="rows.jsonl:3"):
+        next(rows)
+
+
+def test_token_store_round_trips_rows_through_memory_mapped_files(tmp_path):
+    import numpy as np
+
+    from tunesmith.data.templates import IGNORE
+    from tunesmith.data.token_store import TokenStore
+
+    store = TokenStore(tmp_path, "train")
+    rows = [([5, 6, 7], [IGNORE, 6, 7]), ([1] * 5, [IGNORE] * 4 + [1]), ([9, 8], [9, 8])]
+    for ids, labels in rows:
+        store.append(ids, labels)
+    store.close()
+    assert len(store) == 3 and isinstance(store._ids, np.memmap)
+    assert (tmp_path / "train.ids.i32").stat().st_size == 4 * 10  # int32 per token, nothing else
+    for (ids, labels), item in zip(rows, store):
+        assert list(item.input_ids) == ids and list(item.labels) == labels
+    assert [t.n_targets for t in store[1:]] == [1, 1]

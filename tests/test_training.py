@@ -11,7 +11,7 @@ import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
 from tunesmith.config import TrainConfig
-from tunesmith.data.pipeline import Tokenized
+from tunesmith.data.token_store import Tokenized
 from tunesmith.data.templates import IGNORE
 from tunesmith.training.batching import RowStream, collate, micro_batches
 from tunesmith.training.loss import token_loss_sum

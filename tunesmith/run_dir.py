@@ -64,13 +64,6 @@ def update_run_info(run_dir: Path, **fields: Any) -> None:
     write_json(path, info)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def read_run_config(run_dir: Path) -> Config:
     raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     return config_from_dict(raw, str(run_dir / "config.yaml"))

@@ -1,32 +1,31 @@
-"""read → validate → split (seeded) → render with the template → tokenize with labels → report."""
+"""read → validate → split (seeded) → render with the template → tokenize with labels → report.
+
+The training file is streamed twice, never held in memory: a first pass validates every row and hashes
+its content (for the seeded split, duplicates and leakage), a second renders and tokenizes each row into
+a TokenStore and copies it to its split's file. Explicit val/test files are small and read whole.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from tunesmith.config import DataConfig
 from tunesmith.data.formats import Example, detect_format, to_example
-from tunesmith.data.reading import BadRow, Row, read_rows
+from tunesmith.data.reading import BadRow, Row, iter_rows
 from tunesmith.data.split import seeded_split
 from tunesmith.data.templates import IGNORE, render
+from tunesmith.data.token_store import Tokenized, TokenStore
 from tunesmith.errors import DataError
-
-
-@dataclass
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def n_targets(self) -> int:
-        # A label at position t is predicted from position t-1, so position 0 never counts.
-        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 @dataclass
@@ -36,7 +35,7 @@ class SplitReport:
     kept: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
-    lengths: list[int] = field(default_factory=list)
+    lengths: array = field(default_factory=lambda: array("i"))
     trained_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,127 +108,179 @@ class DataReport:
 @dataclass
 class PreparedData:
     format: str
-    train: list[Tokenized]
-    val: list[Tokenized]
+    train: Sequence[Tokenized]
+    val: Sequence[Tokenized]
     test_examples: list[Example]
-    raw_splits: dict[str, list[dict[str, Any]]]
-    """The original rows of each split, so the run directory can keep exactly what was used."""
-    examples: dict[str, list[Example]]
     report: DataReport
+    work_dir: Path
+    """Holds the token files and each split's rows (`splits/{train,val,test}.jsonl`), as read."""
+    _owner: Any = None
+    """The TemporaryDirectory behind work_dir, when prepare_data made one: removed with this object."""
+
+    def copy_splits(self, out_dir: Path) -> None:
+        """The exact rows of each split, so the run directory keeps what was used."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("train", "val", "test"):
+            shutil.copyfile(self.work_dir / "splits" / f"{name}.jsonl", out_dir / f"{name}.jsonl")
 
 
-def load_examples(path: str, cfg: DataConfig, fmt: str | None, skipped: list[str]) -> tuple[str, list[tuple[Row, Example]]]:
-    read = read_rows(path, cfg.on_bad_row)
-    skipped += read.skipped
-    if not read.rows:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(read.skipped)} bad rows skipped)" if read.skipped else ""))
-    fmt = fmt or cfg.format or detect_format(read.rows[0], cfg.columns)
-    out = []
-    for row in read.rows:
+def iter_examples(path: str, cfg: DataConfig, fmt: str, skipped: list[str]) -> Iterator[tuple[Row, Example]]:
+    """Valid (row, example) pairs of a file, streamed; bad rows raise or (on_bad_row: skip) are recorded."""
+    for row in iter_rows(path, cfg.on_bad_row, skipped):
         try:
             example = to_example(row, fmt, cfg.columns)
-            if cfg.system_prompt and example.messages and example.messages[0]["role"] != "system":
-                example.messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-            out.append((row, example))
         except BadRow as exc:
             if cfg.on_bad_row != "skip":
                 raise BadRow(f"{exc}\n  (set data.on_bad_row: skip to skip such rows and count them in the report)") from None
             skipped.append(str(exc))
+            continue
+        if cfg.system_prompt and example.messages and example.messages[0]["role"] != "system":
+            example.messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+        yield row, example
+
+
+def file_format(path: str, cfg: DataConfig) -> str:
+    """data.format, or detected from the first row of the file."""
+    if cfg.format:
+        return cfg.format
+    for row in iter_rows(path, cfg.on_bad_row, []):
+        return detect_format(row, cfg.columns)
+    raise DataError(f"{path}: no usable rows")
+
+
+def load_examples(path: str, cfg: DataConfig, fmt: str | None, skipped: list[str]) -> tuple[str, list[tuple[Row, Example]]]:
+    """All examples of a (small) file at once."""
+    fmt = fmt or file_format(path, cfg)
+    before = len(skipped)
+    out = list(iter_examples(path, cfg, fmt, skipped))
     if not out:
-        raise DataError(f"{path}: no usable rows ({len(read.rows)} rows did not match the {fmt} format)")
+        bad = len(skipped) - before
+        raise DataError(f"{path}: no usable rows" + (f" ({bad} bad rows skipped)" if bad else ""))
     return fmt, out
 
 
-def content_key(example: Example) -> str:
+def content_key(example: Example) -> int:
     """Rows with the same content after normalisation (column names and order do not matter) share a key."""
     blob = json.dumps([example.messages, example.text], sort_keys=True, ensure_ascii=False)
-    return hashlib.blake2b(blob.encode("utf-8"), digest_size=16).hexdigest()
+    return int.from_bytes(hashlib.blake2b(blob.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def count_duplicates(pairs: list[tuple[Row, Example]]) -> int:
-    return len(pairs) - len({content_key(ex) for _, ex in pairs})
+def first_occurrences(keys: np.ndarray) -> np.ndarray:
+    """Boolean mask keeping the first row of each group of identical rows."""
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[np.unique(keys, return_index=True)[1]] = True
+    return keep
 
 
-def drop_duplicates(pairs: list[tuple[Row, Example]]) -> tuple[list[tuple[Row, Example]], int]:
-    """Keep the first of each set of identical rows; returns (rows, how many were dropped)."""
-    seen: set[str] = set()
-    kept = []
-    for row, ex in pairs:
-        key = content_key(ex)
-        if key not in seen:
-            seen.add(key)
-            kept.append((row, ex))
-    return kept, len(pairs) - len(kept)
-
-
-def check_overlap(train, val, test, remove: bool, duplicates: int):
-    """Count training rows whose content is also in val/test (leakage); drop them from train if `remove`."""
-    val_keys = {content_key(ex) for _, ex in val}
-    test_keys = {content_key(ex) for _, ex in test}
-    keys = [content_key(ex) for _, ex in train]
-    report = OverlapReport(duplicates=duplicates, leaked_into_val=sum(k in val_keys for k in keys),
-                           leaked_into_test=sum(k in test_keys for k in keys), removed=remove)
-    if remove:
-        train = [pair for pair, k in zip(train, keys) if k not in val_keys and k not in test_keys]
-    return train, report
+def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: DataConfig) -> bool:
+    """Render one example, apply the over-long policy, and add it to `sink` (a list or TokenStore)."""
+    report.rows += 1
+    ids, labels = render(tokenizer, example, cfg.train_on_prompt)
+    if len(ids) > cfg.max_seq_length:
+        if cfg.overlong == "drop":
+            report.dropped[f"longer than max_seq_length {cfg.max_seq_length}"] += 1
+            return False
+        ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
+        report.truncated += 1
+    item = Tokenized(ids, labels)
+    n_targets = item.n_targets
+    if n_targets == 0:
+        report.dropped["no trainable tokens"] += 1
+        return False
+    if isinstance(sink, list):
+        sink.append(item)
+    else:
+        sink.append(ids, labels)
+    report.kept += 1
+    report.lengths.append(len(ids))
+    report.trained_tokens += n_targets
+    return True
 
 
 def tokenize_split(name: str, examples: list[Example], tokenizer, cfg: DataConfig) -> tuple[list[Tokenized], SplitReport]:
-    report = SplitReport(name=name, rows=len(examples))
-    out = []
+    report = SplitReport(name=name)
+    out: list[Tokenized] = []
     for ex in examples:
-        ids, labels = render(tokenizer, ex, cfg.train_on_prompt)
-        if len(ids) > cfg.max_seq_length:
-            if cfg.overlong == "drop":
-                report.dropped[f"longer than max_seq_length {cfg.max_seq_length}"] += 1
-                continue
-            ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
-            report.truncated += 1
-        item = Tokenized(ids, labels)
-        if item.n_targets == 0:
-            report.dropped["no trainable tokens"] += 1
-            continue
-        out.append(item)
-        report.lengths.append(len(ids))
-        report.trained_tokens += item.n_targets
-    report.kept = len(out)
+        tokenize_into(out, report, ex, tokenizer, cfg)
     return out, report
 
 
-def prepare_data(cfg: DataConfig, tokenizer) -> PreparedData:
+TRAIN, VAL, TEST, REMOVED = 0, 1, 2, 3
+
+
+def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> PreparedData:
     """Everything `tunesmith prepare` shows and `train` consumes. The tokenizer must carry the run's template."""
-    skipped: list[str] = []
     assert cfg.train_file is not None
-    fmt, train_pairs = load_examples(cfg.train_file, cfg, None, skipped)
-    # Exact duplicates go first, so the seeded split cannot put copies of one row on both sides.
-    train_pairs, duplicates = drop_duplicates(train_pairs) if cfg.dedup else (train_pairs, count_duplicates(train_pairs))
-    val_pairs = load_examples(cfg.val_file, cfg, fmt, skipped)[1] if cfg.val_file else None
-    test_pairs = load_examples(cfg.test_file, cfg, fmt, skipped)[1] if cfg.test_file else None
-    # Carve what the user did not provide as a file out of the training rows, with the seed.
-    carve_val = 0 if val_pairs is not None else cfg.val_size
-    carve_test = 0 if test_pairs is not None else cfg.test_size
-    train_pairs, carved_val, carved_test = seeded_split(train_pairs, carve_val, carve_test, cfg.seed)
-    val_pairs = val_pairs if val_pairs is not None else carved_val
-    test_pairs = test_pairs if test_pairs is not None else carved_test
+    owner = None if work_dir else tempfile.TemporaryDirectory(prefix="tunesmith-data-")
+    work_dir = Path(work_dir or owner.name)
+    skipped: list[str] = []
+    fmt = file_format(cfg.train_file, cfg)
 
-    train_pairs, checks = check_overlap(train_pairs, val_pairs, test_pairs, cfg.dedup, duplicates)
+    # ---- pass 1: validate every training row and hash its content (nothing else is kept)
+    keys = np.fromiter((content_key(ex) for _, ex in iter_examples(cfg.train_file, cfg, fmt, skipped)),
+                       dtype=np.uint64)
+    if not len(keys):
+        raise DataError(f"{cfg.train_file}: no usable rows ({len(skipped)} bad rows skipped)")
+    val_pairs = load_examples(cfg.val_file, cfg, fmt, skipped)[1] if cfg.val_file else []
+    test_pairs = load_examples(cfg.test_file, cfg, fmt, skipped)[1] if cfg.test_file else []
 
-    splits = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
-    examples = {k: [ex for _, ex in v] for k, v in splits.items()}
-    train, train_report = tokenize_split("train", examples["train"], tokenizer, cfg)
-    val, val_report = tokenize_split("val", examples["val"], tokenizer, cfg)
-    reports = {"train": train_report, "val": val_report}
-    if examples["test"]:
-        reports["test"] = tokenize_split("test", examples["test"], tokenizer, cfg)[1]
-    if not train:
-        raise DataError(f"{cfg.train_file}: every training row was dropped; see the data report:\n"
-                        + DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped, checks).to_text())
-    return PreparedData(
-        format=fmt, train=train, val=val, test_examples=examples["test"],
-        raw_splits={k: [row.data for row, _ in v] for k, v in splits.items()},
-        examples=examples,
-        report=DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped, checks),
-    )
+    # ---- assign each row: exact duplicates go first, so the seeded split cannot put copies on both sides
+    keep = first_occurrences(keys)
+    duplicates = int(len(keys) - keep.sum())
+    candidates = np.flatnonzero(keep) if cfg.dedup else np.arange(len(keys))
+    _, carved_val, carved_test = seeded_split(candidates, 0 if cfg.val_file else cfg.val_size,
+                                              0 if cfg.test_file else cfg.test_size, cfg.seed)
+    assign = np.full(len(keys), REMOVED if cfg.dedup else TRAIN, dtype=np.int8)
+    assign[candidates] = TRAIN
+    assign[np.asarray(carved_val, dtype=np.int64)] = VAL
+    assign[np.asarray(carved_test, dtype=np.int64)] = TEST
+    val_keys = np.array([content_key(ex) for _, ex in val_pairs], dtype=np.uint64)
+    test_keys = np.array([content_key(ex) for _, ex in test_pairs], dtype=np.uint64)
+    val_keys = np.concatenate([val_keys, keys[assign == VAL]])
+    test_keys = np.concatenate([test_keys, keys[assign == TEST]])
+    is_train = assign == TRAIN
+    in_val, in_test = np.isin(keys, val_keys) & is_train, np.isin(keys, test_keys) & is_train
+    checks = OverlapReport(duplicates=duplicates, leaked_into_val=int(in_val.sum()),
+                           leaked_into_test=int(in_test.sum()), removed=cfg.dedup)
+    if cfg.dedup:
+        assign[in_val | in_test] = REMOVED
+
+    # ---- pass 2: render and tokenize each training-file row into its split, and copy the row
+    reports = {name: SplitReport(name=name) for name in ("train", "val", "test")}
+    train = TokenStore(work_dir / "tokens", "train")
+    val: list[Tokenized] = []
+    test_examples: list[Example] = [ex for _, ex in test_pairs]
+    (work_dir / "splits").mkdir(parents=True, exist_ok=True)
+    files = {name: (work_dir / "splits" / f"{name}.jsonl").open("w", encoding="utf-8")
+             for name in ("train", "val", "test")}
+    try:
+        for name, pairs in (("val", val_pairs), ("test", test_pairs)):  # explicit files, as read
+            for row, _ in pairs:
+                files[name].write(json.dumps(row.data, ensure_ascii=False) + "\n")
+        for (row, ex), where in zip(iter_examples(cfg.train_file, cfg, fmt, []), assign):
+            if where == TRAIN:
+                tokenize_into(train, reports["train"], ex, tokenizer, cfg)
+            elif where == VAL:
+                val_pairs.append((row, ex))
+            elif where == TEST:
+                test_examples.append(ex)
+            if where != REMOVED:
+                files[("train", "val", "test")[where]].write(json.dumps(row.data, ensure_ascii=False) + "\n")
+    finally:
+        for f in files.values():
+            f.close()
+    train.close()
+    for _, ex in val_pairs:
+        tokenize_into(val, reports["val"], ex, tokenizer, cfg)
+    for ex in test_examples:
+        tokenize_into([], reports["test"], ex, tokenizer, cfg)  # counted for the report; eval renders its own
+    if not reports["test"].rows:
+        del reports["test"]
+    report = DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped, checks)
+    if not len(train):
+        raise DataError(f"{cfg.train_file}: every training row was dropped; see the data report:\n" + report.to_text())
+    return PreparedData(format=fmt, train=train, val=val, test_examples=test_examples, report=report,
+                        work_dir=work_dir, _owner=owner)
 
 
 def show_examples(tokenizer, items: list[Tokenized], n: int) -> str:

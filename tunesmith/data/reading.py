@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tunesmith.errors import DataError
 
@@ -39,12 +39,7 @@ def _utf8_error(path: Path, raw: bytes, exc: UnicodeDecodeError, line_offset: in
     )
 
 
-def read_rows(path: str | Path, on_bad_row: str = "error") -> ReadResult:
-    """Read a .json (array of objects) or .jsonl (one object per line) file.
-
-    A `.json` file that is not one JSON document but one object per line is read as JSONL.
-    """
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
@@ -52,17 +47,52 @@ def read_rows(path: str | Path, on_bad_row: str = "error") -> ReadResult:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise DataError(f"{path}: tunesmith reads data only from .json / .jsonl files; {path.suffix} files are "
                         "Python pickles, which can run arbitrary code when loaded")
-    raw = path.read_bytes()
-    if raw[:1] == b"\x80" and raw[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise DataError(f"{path}: this is a Python pickle, not JSON; refusing to load it (pickles can run code)")
-    if not raw.strip():
+
+
+def _is_json_array(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return path.suffix.lower() == ".json" and head[:1] == b"["
+
+
+def iter_rows(path: str | Path, on_bad_row: str = "error", skipped: list[str] | None = None) -> Iterator[Row]:
+    """Rows of a .jsonl file, one line at a time (memory does not grow with the file), or of a .json array.
+
+    A `.json` file that is not one JSON array but one object per line is read as JSONL. Bad rows raise
+    BadRow, or with `on_bad_row="skip"` are appended to `skipped` and left out.
+    """
+    path = Path(path)
+    _check_file(path)
+    skipped = skipped if skipped is not None else []
+    if _is_json_array(path):  # one JSON document has to be parsed whole; large data belongs in JSONL
+        yield from _read_json_array(path, on_bad_row, skipped)
+        return
+    any_content = False
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            any_content = True
+            row = _parse_line(path, lineno, line, on_bad_row, skipped)
+            if row is not None:
+                yield row
+    if not any_content:
         raise DataError(f"{path}: the file is empty")
-    if path.suffix.lower() == ".json" and raw.lstrip()[:1] == b"[":
-        return _read_json_array(path, raw, on_bad_row)
-    return _read_jsonl(path, raw, on_bad_row)
 
 
-def _read_json_array(path: Path, raw: bytes, on_bad_row: str) -> ReadResult:
+def read_rows(path: str | Path, on_bad_row: str = "error") -> ReadResult:
+    """All rows of a file at once (for small files: val/test sets, evaluation data)."""
+    skipped: list[str] = []
+    rows = list(iter_rows(path, on_bad_row, skipped))
+    return ReadResult(rows=rows, skipped=skipped)
+
+
+def _read_json_array(path: Path, on_bad_row: str, skipped: list[str]) -> Iterator[Row]:
+    raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -71,46 +101,39 @@ def _read_json_array(path: Path, raw: bytes, on_bad_row: str) -> ReadResult:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON at column {exc.colno}: {exc.msg}") from None
-    result = ReadResult(rows=[])
+    if not doc:
+        raise DataError(f"{path}: the JSON array is empty")
     for i, item in enumerate(doc, start=1):
         where = f"{path}: row {i}"
         if not isinstance(item, dict):
-            _bad(result, on_bad_row, f"{where}: expected a JSON object, got {_kind(item)}")
+            _bad(skipped, on_bad_row, f"{where}: expected a JSON object, got {_kind(item)}")
             continue
-        result.rows.append(Row(item, where))
-    if not doc:
-        raise DataError(f"{path}: the JSON array is empty")
-    return result
+        yield Row(item, where)
 
 
-def _read_jsonl(path: Path, raw: bytes, on_bad_row: str) -> ReadResult:
-    result = ReadResult(rows=[])
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            _bad(result, on_bad_row, _utf8_error(path, line, exc, lineno - 1))
-            continue
-        try:
-            item = json.loads(text)
-        except json.JSONDecodeError as exc:
-            hint = " (is this a .json array saved as .jsonl?)" if lineno == 1 and text.lstrip().startswith("[") else ""
-            _bad(result, on_bad_row, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}{hint}")
-            continue
-        if not isinstance(item, dict):
-            _bad(result, on_bad_row, f"{where}: expected a JSON object, got {_kind(item)}")
-            continue
-        result.rows.append(Row(item, where))
-    return result
+def _parse_line(path: Path, lineno: int, line: bytes, on_bad_row: str, skipped: list[str]) -> Row | None:
+    where = f"{path}:{lineno}"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _bad(skipped, on_bad_row, _utf8_error(path, line, exc, lineno - 1))
+        return None
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (is this a .json array saved as .jsonl?)" if lineno == 1 and text.lstrip().startswith("[") else ""
+        _bad(skipped, on_bad_row, f"{where}: invalid JSON at column {exc.colno}: {exc.msg}{hint}")
+        return None
+    if not isinstance(item, dict):
+        _bad(skipped, on_bad_row, f"{where}: expected a JSON object, got {_kind(item)}")
+        return None
+    return Row(item, where)
 
 
-def _bad(result: ReadResult, on_bad_row: str, message: str) -> None:
+def _bad(skipped: list[str], on_bad_row: str, message: str) -> None:
     if on_bad_row != "skip":
         raise BadRow(message + "\n  (set data.on_bad_row: skip to skip such rows and count them in the report)")
-    result.skipped.append(message)
+    skipped.append(message)
 
 
 def _kind(value: Any) -> str:

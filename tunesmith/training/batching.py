@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from tunesmith.data.pipeline import Tokenized
+from tunesmith.data.token_store import Tokenized
 from tunesmith.data.templates import IGNORE
 
 

@@ -28,7 +28,7 @@ from tunesmith.errors import TrainingStopped, TunesmithError
 from tunesmith.evaluate import mean_loss
 from tunesmith.methods import describe_counts, get_method
 from tunesmith.models import load_causal_lm, load_tokenizer, resolve
-from tunesmith.run_dir import is_run_dir, prepare_run_dir, update_run_info, write_json, write_jsonl
+from tunesmith.run_dir import is_run_dir, prepare_run_dir, update_run_info, write_json
 from tunesmith.training.batching import RowStream, micro_batches
 from tunesmith.training.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
                                            load_checkpoint, read_state, save_checkpoint, sha256_file)
@@ -62,8 +62,7 @@ def load_data_and_tokenizer(cfg: Config):
 def write_run_files(run_dir: Path, cfg: Config, source, tokenizer, data: PreparedData) -> None:
     (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     tokenizer.save_pretrained(run_dir / "tokenizer")  # carries the chat template used for training
-    for name, rows in data.raw_splits.items():
-        write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
+    data.copy_splits(run_dir / "data")
     write_json(run_dir / "data" / "data_report.json", data.report.to_dict())
     write_json(run_dir / "run.json", {
         "tunesmith_version": __version__, "status": "running", "method": cfg.method.name,
