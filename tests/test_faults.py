@@ -201,6 +201,32 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(make_config, monk
     assert json.loads((Path(cfg.output.dir) / "run.json").read_text())["status"] == "failed"
 
 
+def test_a_crash_in_the_middle_of_a_save_leaves_the_run_resumable(make_config, monkeypatch, tmp_path):
+    from tunesmith.methods.lora import LoraMethod
+
+    cfg = make_config(**RESUMABLE)
+    real_save = LoraMethod.save
+
+    class Crash(BaseException):
+        """Stands in for the process dying: nothing after it runs, no cleanup."""
+
+    def save(self, model, out_dir):
+        real_save(self, model, out_dir)
+        if "step-000008" in str(out_dir):
+            raise Crash()  # the adapter is written, the optimizer state and manifest are not
+
+    monkeypatch.setattr(LoraMethod, "save", save)
+    with pytest.raises(Crash):
+        train(cfg, log=quiet)
+    ckpts = Path(cfg.output.dir) / "checkpoints"
+    assert (ckpts / ".tmp-step-000008").exists() and not (ckpts / "step-000008").exists()
+    monkeypatch.setattr(LoraMethod, "save", real_save)
+    train(cfg, log=quiet, resume=True)  # from step 4; the half-written directory is removed
+    assert not (ckpts / ".tmp-step-000008").exists()
+    assert_same_run(train(make_config(output={"dir": str(tmp_path / "whole")}, **RESUMABLE), log=quiet),
+                    Path(cfg.output.dir))
+
+
 def test_keep_last_deletes_only_older_complete_checkpoints(make_config):
     cfg = make_config(**{**RESUMABLE, "checkpoint": {"interval": 1, "keep_last": 1}})
     train(cfg, log=quiet)
@@ -325,6 +351,20 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_config, 
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_same_run(whole, run)
+
+
+def test_sigint_checkpoints_and_exits_130(make_config, tmp_path):
+    config = _write_config(tmp_path, make_config(**SLOW), "int")
+    run = tmp_path / "int"
+    proc = _cli(config)
+    _wait_for(lambda: (run / "checkpoints" / "step-000002").exists())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGINT received" in err and "Traceback" not in err
+    step = json.loads((run / "run.json").read_text())["step"]
+    from tunesmith.training.checkpoint import problems
+    assert problems(run / "checkpoints" / f"step-{step:06d}") == []
 
 
 def test_kill_9_at_a_random_moment_leaves_a_resumable_run(make_config, tmp_path):
