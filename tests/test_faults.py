@@ -331,17 +331,23 @@ SLOW = dict(train={"max_steps": 40, "micro_batch_size": 2, "grad_accum_steps": 2
             eval={"interval": 10}, checkpoint={"interval": 1, "keep_last": 2})
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_config, tmp_path):
-    cfg = make_config(**SLOW)
+def _launch(make_config, tmp_path: Path, name: str, after_step: int):
+    """An uninterrupted reference run (in-process), and the same run started as a CLI process, past a step."""
     whole = train(make_config(**SLOW, output={"dir": str(tmp_path / "whole")}), log=quiet)
-    config = _write_config(tmp_path, cfg, "term")
-    run = tmp_path / "term"
+    config = _write_config(tmp_path, make_config(**SLOW), name)
+    run = tmp_path / name
     proc = _cli(config)
-    _wait_for(lambda: (run / "checkpoints" / "step-000002").exists())
-    proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: (run / "checkpoints" / f"step-{after_step:06d}").exists())
+    return whole, config, run, proc
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_checkpoints_and_resumes_exactly(make_config, tmp_path, signum, code):
+    whole, config, run, proc = _launch(make_config, tmp_path, "signalled", after_step=2)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "SIGTERM received" in err and "--resume" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert f"{signal.Signals(signum).name} received" in err and "--resume" in err and "Traceback" not in err
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted"
     assert (run / "checkpoints" / f"step-{info['step']:06d}").exists()
@@ -353,27 +359,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(make_config, 
     assert_same_run(whole, run)
 
 
-def test_sigint_checkpoints_and_exits_130(make_config, tmp_path):
-    config = _write_config(tmp_path, make_config(**SLOW), "int")
-    run = tmp_path / "int"
-    proc = _cli(config)
-    _wait_for(lambda: (run / "checkpoints" / "step-000002").exists())
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "SIGINT received" in err and "Traceback" not in err
-    step = json.loads((run / "run.json").read_text())["step"]
-    from tunesmith.training.checkpoint import problems
-    assert problems(run / "checkpoints" / f"step-{step:06d}") == []
-
-
 def test_kill_9_at_a_random_moment_leaves_a_resumable_run(make_config, tmp_path):
-    cfg = make_config(**SLOW)
-    whole = train(make_config(**SLOW, output={"dir": str(tmp_path / "whole")}), log=quiet)
-    config = _write_config(tmp_path, cfg, "killed")
-    run = tmp_path / "killed"
-    proc = _cli(config)
-    _wait_for(lambda: (run / "checkpoints" / "step-000003").exists())
+    whole, config, run, proc = _launch(make_config, tmp_path, "killed", after_step=3)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # anywhere: mid-step, mid-save, mid-eval
     proc.kill()
     proc.wait(timeout=30)
