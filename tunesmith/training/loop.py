@@ -123,7 +123,7 @@ def accumulate_gradients(model, rows, micro: int, pad_id: int, device, precision
                 (summed / n_targets).backward()  # normalised over the whole step, not per micro-batch
                 loss_sum += float(summed.detach())
             return loss_sum / n_targets, micro
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not is_out_of_memory(exc):
                 raise
             model.zero_grad(set_to_none=True)  # drop the partial gradients of this attempt
