@@ -82,6 +82,30 @@ def test_row_stream_is_seeded_covers_each_epoch_and_resumes_from_its_position():
     assert (stream.position, stream.epoch) == (7, 0) and stream.take(6) == first[7:13] and stream.epoch == 1
 
 
+def test_length_grouped_steps_pad_less_and_still_cover_each_epoch():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(400)]
+    grouped = RowStream(400, seed=3, lengths=lengths, group=8)
+    plain = RowStream(400, seed=3)
+
+    def padding(stream) -> int:
+        total = 0
+        for _ in range(50):
+            step = [lengths[i] for i in stream.take(8)]
+            total += sum(max(step) - n for n in step)
+        return total
+
+    first_epoch = RowStream(400, seed=3, lengths=lengths, group=8).take(400)
+    assert sorted(first_epoch) == list(range(400))
+    assert first_epoch == RowStream(400, seed=3, lengths=lengths, group=8).take(400)
+    assert padding(grouped) < 0.2 * padding(plain)
+    # steps are still in random length order, not sorted from long to short across the epoch
+    step_max = [max(lengths[i] for i in first_epoch[k:k + 8]) for k in range(0, 400, 8)]
+    assert step_max != sorted(step_max, reverse=True)
+
+
 def test_micro_batches_split_a_step():
     rows = [Tokenized([3] * n, [3] * n) for n in (2, 5, 3, 4, 1)]
     batches = micro_batches(rows, 2, pad_id=2)

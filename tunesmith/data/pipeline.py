@@ -117,6 +117,10 @@ class PreparedData:
     _owner: Any = None
     """The TemporaryDirectory behind work_dir, when prepare_data made one: removed with this object."""
 
+    @property
+    def train_lengths(self) -> Sequence[int]:
+        return self.train.lengths if isinstance(self.train, TokenStore) else [len(t.input_ids) for t in self.train]
+
     def copy_splits(self, out_dir: Path) -> None:
         """The exact rows of each split, so the run directory keeps what was used."""
         out_dir.mkdir(parents=True, exist_ok=True)

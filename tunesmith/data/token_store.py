@@ -69,6 +69,11 @@ class TokenStore(Sequence):
     def __len__(self) -> int:
         return len(self._offsets) - 1
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per row, without reading the rows."""
+        return np.diff(np.frombuffer(self._offsets, dtype=np.int64))
+
     @overload
     def __getitem__(self, i: int) -> Tokenized: ...
     @overload

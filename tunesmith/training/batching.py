@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -31,12 +31,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def length_grouped_order(lengths: Sequence[int], seed: int, epoch: int, group: int, window: int = 64) -> list[int]:
+    """A seeded order in which each run of `group` rows (one optimizer step) has similar lengths.
+
+    Shuffle, cut into windows of `window` groups, sort each window by length, cut it into groups, and
+    shuffle the groups: steps stay random, but a step pads its rows to a length close to their own.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    groups: list[list[int]] = []
+    span = group * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i], reverse=True)
+        groups += [chunk[i:i + group] for i in range(0, len(chunk), group)]
+    random.Random(seed * 7_919 + epoch).shuffle(groups)
+    return [i for g in groups for i in g]
+
+
 class RowStream:
     """Rows in a fresh seeded order each epoch, endlessly. `position` (rows handed out so far) is its whole
-    state, so a resumed run continues with exactly the row an uninterrupted run would have seen next."""
+    state, so a resumed run continues with exactly the row an uninterrupted run would have seen next.
 
-    def __init__(self, n_rows: int, seed: int, position: int = 0):
+    With `lengths` and `group` (rows per optimizer step), each step's rows have similar lengths.
+    """
+
+    def __init__(self, n_rows: int, seed: int, position: int = 0, lengths: Sequence[int] | None = None,
+                 group: int = 1):
         self.n_rows, self.seed, self.position = n_rows, seed, position
+        self.lengths, self.group = lengths, group
         self._order: list[int] = []
         self._order_epoch = -1
 
@@ -50,7 +71,10 @@ class RowStream:
         for _ in range(k):
             epoch, offset = divmod(self.position, self.n_rows)
             if epoch != self._order_epoch:
-                self._order, self._order_epoch = epoch_order(self.n_rows, self.seed, epoch), epoch
+                self._order = (length_grouped_order(self.lengths, self.seed, epoch, self.group)
+                               if self.lengths is not None and self.group > 1
+                               else epoch_order(self.n_rows, self.seed, epoch))
+                self._order_epoch = epoch
             out.append(self._order[offset])
             self.position += 1
         return out

@@ -256,6 +256,7 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.seed": cfg.train.seed,
+        "train.group_by_length": cfg.train.group_by_length,
         "data.seed": cfg.data.seed,
         "data.max_seq_length": cfg.data.max_seq_length,
         "data.template": cfg.data.template,

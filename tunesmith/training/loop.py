@@ -169,8 +169,9 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     steps = total_steps(cfg, len(data.train))
     optimizer = build_optimizer(params, tc)
     scheduler = build_scheduler(optimizer, steps, tc)
-    stream = RowStream(len(data.train), tc.seed)
     rows_per_step = tc.micro_batch_size * tc.grad_accum_steps
+    stream = RowStream(len(data.train), tc.seed, lengths=data.train_lengths if tc.group_by_length else None,
+                       group=rows_per_step)
     micro, start, skipped = tc.micro_batch_size, 0, 0
 
     # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
