@@ -54,8 +54,9 @@ def tunesmith_side(model: str, train: Path, out: Path, args) -> dict:
         "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "grad_accum_steps": 1, "lr": args.lr,
                   "lr_scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.0, "max_grad_norm": 1.0,
                   "seed": 0, "precision": args.precision, **json.loads(args.tunesmith_train)},
-        "output": {"dir": str(out / "run")},
+        "output": {"dir": str(out / "run"), "overwrite": True},
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config))
     script = (
         "import json, resource, sys\n"
@@ -82,7 +83,8 @@ def reference_side(model_dir: Path, train: Path, out: Path, args, bf16: bool) ->
     cmd = [sys.executable, str(HERE / "reference_hf_trainer.py"), str(model_dir), str(train), str(out),
            "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
            "--max-length", str(args.max_length)] + (["--bf16"] if bf16 else [])
-    run(cmd)
+    if not (args.reuse_reference and (out / "result.json").exists()):
+        run(cmd)
     result = json.loads((out / "result.json").read_text())
     result["adapter"] = str(out / "adapter")
     return result
@@ -129,6 +131,9 @@ def main() -> None:
     parser.add_argument("--skip-fp32", action="store_true", help="run the reference only with bf16")
     parser.add_argument("--skip-bf16", action="store_true", help="run the reference only in fp32")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--work", type=Path, help="working directory (default: a new temporary one)")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="with --work: reuse reference results already there (when tuning tunesmith only)")
     args = parser.parse_args()
 
     import speed_data
@@ -136,7 +141,8 @@ def main() -> None:
     from tunesmith.models import resolve
 
     model_dir = Path(resolve(args.model).path)
-    work = Path(tempfile.mkdtemp(prefix="tunesmith-speed-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-speed-"))
+    work.mkdir(parents=True, exist_ok=True)
     train = speed_data.write(work / "train.jsonl", args.rows, seed=1)
     val = speed_data.write(work / "val.jsonl", 64, seed=2)
 
