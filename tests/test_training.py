@@ -112,6 +112,31 @@ def test_micro_batches_split_a_step():
     assert [b["input_ids"].shape for b in batches] == [(2, 5), (2, 4), (1, 1)]
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from tunesmith.config import MethodConfig
+    from tunesmith.methods import get_method
+    from tunesmith.training.loop import enable_gradient_checkpointing
+
+    rows = rows_of_different_lengths(300)
+    results = []
+    for checkpointing in (False, True):
+        model = get_method(MethodConfig(name="lora", r=4)).build(build_tiny_model(300))
+        with torch.no_grad():  # LoRA B starts at zero; move it so its gradient path is exercised too
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+            assert model.get_base_model().is_gradient_checkpointing
+        model.train()
+        results.append(step_loss_and_grads(model, rows, micro=2))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_weight_decay_skips_norms_and_biases():
     model = build_tiny_model(vocab_size=300)
     named = list(model.named_parameters())

@@ -99,6 +99,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto` picks bf16 autocast where the device supports it, else fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = False
+    """Recompute activations during the backward pass: far less memory for ~30 % more compute."""
     group_by_length: bool = True
     """Put rows of similar length in the same optimizer step, so little compute goes to padding."""
     on_nan: Literal["stop", "skip"] = "stop"

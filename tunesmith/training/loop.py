@@ -33,7 +33,7 @@ from tunesmith.training.batching import RowStream, micro_batches
 from tunesmith.training.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
                                            load_checkpoint, read_state, save_checkpoint, sha256_file)
 from tunesmith.training.interrupts import EXIT_CODES, StopOnSignal
-from tunesmith.training.loss import token_loss_sum
+from tunesmith.training.loss import causal_lm, token_loss_sum
 from tunesmith.training.metrics import MetricsLog, plot_losses, truncate_metrics
 from tunesmith.training.optim import build_optimizer, build_scheduler
 
@@ -92,6 +92,11 @@ def open_run_dir(cfg: Config, resume: bool) -> Path:
         raise TunesmithError(f"nothing to resume: {run_dir} is not a tunesmith run directory")
     clean_temporary(run_dir)
     return run_dir
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad, so it works with frozen embeddings (LoRA).
+    causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -163,6 +168,8 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     model = method.build(load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code,
                                         revision=cfg.model.revision))
     model.to(device)
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = method.trainable_parameters(model)
     log(f"method {method.name}: {describe_counts(model)}")
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tunesmith.data.templates import IGNORE
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The transformers *ForCausalLM inside a possible PEFT wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -23,7 +23,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
     n = int(scored.sum())
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     if getattr(lm.config, "final_logit_softcapping", None):
         # Models that post-process logits (Gemma-2 soft-capping) take the plain, full-head path.
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
