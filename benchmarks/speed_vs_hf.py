@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,20 +28,6 @@ def run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{done.stderr[-3000:]}")
-
-
-def matmul_peak(dtype_name: str, n: int = 1024, repeats: int = 20) -> float:
-    """Measured dense matmul FLOP/s on this machine (the ceiling a training step could reach)."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
 def tunesmith_side(model: str, train: Path, out: Path, args) -> dict:
@@ -154,7 +139,11 @@ def main() -> None:
     sides["tunesmith"] = tunesmith_side(str(model_dir), train, work / "ours", args)
 
     per_token = flops_per_token(model_dir)
-    peaks = {"fp32": matmul_peak("float32"), "bf16": matmul_peak("bfloat16")}
+    import torch
+
+    from tunesmith.bench import matmul_peak
+
+    peaks = {p: matmul_peak(torch.device("cpu"), p) for p in ("fp32", "bf16")}
     for name, r in sides.items():
         r["tokens_per_s"] = r["real_tokens"] / r["seconds"]
         r["val_loss"] = validation_loss(model_dir, r["adapter"], val, args.max_length)

@@ -242,9 +242,9 @@ def _poison(monkeypatch, at_steps: set[int]):
 
     real, calls = loop.token_loss_sum, {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *args):
         calls["n"] += 1
-        summed, n = real(model, batch)
+        summed, n = real(model, batch, *args)
         return (summed * float("nan"), n) if calls["n"] in at_steps else (summed, n)
 
     monkeypatch.setattr(loop, "token_loss_sum", poisoned)
@@ -276,10 +276,10 @@ def _fake_oom(monkeypatch, above_rows: int):
 
     real = loop.token_loss_sum
 
-    def limited(model, batch):
+    def limited(model, batch, *args):
         if batch["input_ids"].shape[0] > above_rows:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, batch)
+        return real(model, batch, *args)
 
     monkeypatch.setattr(loop, "token_loss_sum", limited)
 

@@ -160,6 +160,23 @@ def export(run: str = typer.Argument(..., help="run directory"),
     print(export_run(run, format, out, checkpoint))
 
 
+@app.command(context_settings=OVERRIDES)
+def bench(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file"),
+          steps: int = typer.Option(10, "--steps", min=1, help="optimizer steps to measure (after one warm-up step)"),
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+          ) -> None:
+    """Measure how fast CONFIG.yaml trains here: tokens/s, peak memory, FLOP/s against this device's peak,
+    and the time the whole run would take. Trains a few steps in a scratch directory; output.dir is untouched."""
+    cfg = _load(config, ctx.args)
+    quiet_libraries()
+    from tunesmith.bench import bench as run_bench, result_json
+
+    result = run_bench(cfg, steps, log=lambda *_: None)
+    print(result.to_text())
+    if as_json:
+        print(result_json(result))
+
+
 @app.command()
 def download(name: str = typer.Argument("smollm2-135m-instruct", help="short name or hub id")) -> None:
     """Fetch a model once into the local cache (short names are converted to safetensors)."""

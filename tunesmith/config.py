@@ -103,6 +103,14 @@ class TrainConfig(Section):
     """Recompute activations during the backward pass: far less memory for ~30 % more compute."""
     group_by_length: bool = True
     """Put rows of similar length in the same optimizer step, so little compute goes to padding."""
+    packing: bool = False
+    """Put each micro-batch's rows end to end in one row (no padding at all), attention kept within each example."""
+    logits_at_labels_only: bool = True
+    """Compute the LM head and cross-entropy only at positions that have labels (same loss, less compute)."""
+    bf16_frozen_weights: bool = True
+    """In bf16, store adapter methods' frozen base weights in bf16 (the same numbers autocast uses, half the memory)."""
+    compile: bool = False
+    """torch.compile the model: fused kernels after a compile of a minute or more at the start (pays on long runs)."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: stop (naming the step), or skip that update and count it."""
     auto_micro_batch: bool = False

@@ -17,12 +17,17 @@ def pick_device(wanted: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def has_amx() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    return bool(cpu and getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     # CPUs with AVX512-BF16 or AMX run bf16 matmuls natively; elsewhere bf16 is emulated and slower than fp32.
     cpu = getattr(torch, "cpu", None)
-    return bool(cpu and (cpu._is_avx512_bf16_supported() or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
+    return bool(cpu and (cpu._is_avx512_bf16_supported() or has_amx()))
 
 
 def pick_precision(wanted: str, device: torch.device) -> str:

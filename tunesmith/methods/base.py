@@ -16,6 +16,8 @@ LoadBase = Callable[[], nn.Module]
 
 class Method(ABC):
     name: str
+    saves_base_weights: bool = True
+    """False for adapter methods: the frozen base is never written, so it may be held in lower precision."""
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

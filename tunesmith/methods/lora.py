@@ -12,6 +12,7 @@ from tunesmith.methods.base import LoadBase, Method
 
 class LoraMethod(Method):
     name = "lora"
+    saves_base_weights = False
 
     def build(self, model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model

@@ -1,10 +1,11 @@
-"""Micro-batches: a seeded shuffle per epoch, padded to the longest row of each micro-batch."""
+"""Micro-batches: a seeded shuffle per epoch; each micro-batch padded to its longest row, or packed into one."""
 
 from __future__ import annotations
 
 import random
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from tunesmith.data.token_store import Tokenized
@@ -23,6 +24,20 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(x.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack(items: list[Tokenized]) -> dict[str, torch.Tensor]:
+    """All rows end to end in one row, with no padding: position ids restart at 0 for each example, so the
+    model attends only within an example, and each example's first label is dropped, so no example is
+    trained to predict the next one's first token (unpacked, a row's first token is never a target either).
+    """
+    ids = np.concatenate([np.asarray(x.input_ids, dtype=np.int64) for x in items])
+    labels = np.concatenate([np.asarray(x.labels, dtype=np.int64) for x in items])
+    starts = np.cumsum([0] + [len(x.input_ids) for x in items[:-1]])
+    labels[starts] = IGNORE
+    positions = np.concatenate([np.arange(len(x.input_ids)) for x in items])
+    return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None],
+            "position_ids": torch.from_numpy(positions)[None]}
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -80,9 +95,11 @@ class RowStream:
         return out
 
 
-def micro_batches(rows: list[Tokenized], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Split one optimizer step's rows into padded micro-batches of `size` rows."""
-    return [collate(rows[i:i + size], pad_id) for i in range(0, len(rows), size)]
+def micro_batches(rows: list[Tokenized], size: int, pad_id: int, packed: bool = False
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Split one optimizer step's rows into micro-batches of `size` rows, padded or packed."""
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    return [pack(c) if packed else collate(c, pad_id) for c in chunks]
 
 
 def eval_batches(data: list[Tokenized], size: int, pad_id: int) -> Iterator[dict]:

@@ -26,7 +26,7 @@ from tunesmith.data.templates import IGNORE, install_template, resolve_template
 from tunesmith.device import autocast, pick_device, pick_precision
 from tunesmith.errors import TrainingStopped, TunesmithError
 from tunesmith.evaluate import mean_loss
-from tunesmith.methods import describe_counts, get_method
+from tunesmith.methods import describe_counts, get_method, parameter_counts
 from tunesmith.models import load_causal_lm, load_tokenizer, resolve
 from tunesmith.run_dir import is_run_dir, prepare_run_dir, update_run_info, write_json
 from tunesmith.training.batching import RowStream, micro_batches
@@ -36,6 +36,7 @@ from tunesmith.training.interrupts import EXIT_CODES, StopOnSignal
 from tunesmith.training.loss import causal_lm, token_loss_sum
 from tunesmith.training.metrics import MetricsLog, plot_losses, truncate_metrics
 from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.training.attention import use_packed_attention
 
 
 def seed_everything(seed: int) -> None:
@@ -99,6 +100,46 @@ def enable_gradient_checkpointing(model) -> None:
     causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def store_frozen_weights_in_bf16(model) -> int:
+    """Hold frozen linear weights in bf16; returns how many tensors changed.
+
+    Under bf16 autocast every linear layer casts its weight to bf16 on each forward anyway, so this gives the
+    same numbers while saving the fp32 copy and the per-step casts. Embeddings (and an LM head tied to them)
+    and norms stay fp32: autocast leaves them in fp32, so their precision is kept.
+    """
+    embedding = causal_lm(model).get_input_embeddings().weight
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for p in (module.weight, module.bias):
+            if p is not None and not p.requires_grad and p is not embedding and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+                changed += 1
+    return changed
+
+
+def compile_decoder(model) -> None:
+    # In place (nn.Module.compile), so parameter names, state dicts and checkpoints are unchanged. Row lengths
+    # vary from step to step, so shapes are marked dynamic rather than recompiled per length.
+    causal_lm(model).get_decoder().compile(dynamic=True)
+
+
+def apply_speed_switches(model, method, tc, precision: str, log) -> bool:
+    """The train.* switches that change how a step is computed, not what it computes (tests pin each).
+    Returns whether micro-batches are packed."""
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    packed = tc.packing and use_packed_attention(model)
+    if tc.packing and not packed:
+        log("note: this model's attention cannot keep packed examples apart; micro-batches are padded instead")
+    if precision == "bf16" and tc.bf16_frozen_weights and not method.saves_base_weights:
+        store_frozen_weights_in_bf16(model)
+    if tc.compile:
+        compile_decoder(model)
+    return packed
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
@@ -109,8 +150,8 @@ OOM_ADVICE = ("Lower train.micro_batch_size (raise train.grad_accum_steps to kee
               "train.auto_micro_batch: true finds a micro-batch that fits by itself.")
 
 
-def accumulate_gradients(model, rows, micro: int, pad_id: int, device, precision: str, auto: bool, log
-                         ) -> tuple[float, int]:
+def accumulate_gradients(model, rows, micro: int, pad_id: int, device, precision: str, auto: bool, log,
+                         packed: bool = False, labels_only: bool = True) -> tuple[float, int]:
     """Forward and backward over one optimizer step's rows in micro-batches; returns (loss, micro-batch size).
 
     The loss is summed over all micro-batches and divided by the label tokens of the whole step (DESIGN
@@ -121,10 +162,10 @@ def accumulate_gradients(model, rows, micro: int, pad_id: int, device, precision
     while True:
         try:
             loss_sum = 0.0
-            for batch in micro_batches(rows, micro, pad_id):
+            for batch in micro_batches(rows, micro, pad_id, packed):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(device, precision):
-                    summed, _ = token_loss_sum(model, batch)
+                    summed, _ = token_loss_sum(model, batch, labels_only)
                 (summed / n_targets).backward()  # normalised over the whole step, not per micro-batch
                 loss_sum += float(summed.detach())
             return loss_sum / n_targets, micro
@@ -168,8 +209,7 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     model = method.build(load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code,
                                         revision=cfg.model.revision))
     model.to(device)
-    if tc.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    packed = apply_speed_switches(model, method, tc, precision, log)
     params = method.trainable_parameters(model)
     log(f"method {method.name}: {describe_counts(model)}")
 
@@ -195,7 +235,10 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     if start >= steps:
         raise TunesmithError(f"the checkpoint is at step {start} and the run has {steps} steps; "
                              "raise train.max_steps (or train.epochs) to train further")
-    update_run_info(run_dir, status="running", **({"resumed_from": f"step-{start:06d}"} if resume else {}))
+    trainable, total = parameter_counts(model)
+    update_run_info(run_dir, status="running", parameters={
+        "total": total, "trainable": trainable, "embedding": causal_lm(model).get_input_embeddings().weight.numel()},
+        **({"resumed_from": f"step-{start:06d}"} if resume else {}))
     log(f"training {steps} steps of {rows_per_step} rows ({tc.micro_batch_size} × {tc.grad_accum_steps} accumulation) "
         f"on {device.type} in {precision}; run dir {run_dir}")
 
@@ -215,7 +258,8 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
                 t0 = time.perf_counter()
                 rows = [data.train[i] for i in stream.take(rows_per_step)]
                 loss, micro = accumulate_gradients(model, rows, micro, pad_id, device, precision,
-                                                   tc.auto_micro_batch, bar.write)
+                                                   tc.auto_micro_batch, bar.write, packed,
+                                                   tc.logits_at_labels_only)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params],
                                                                  tc.max_grad_norm or float("inf")))
                 lr = scheduler.get_last_lr()[0]

@@ -1,8 +1,13 @@
-"""Summed token cross-entropy, computed only where labels exist.
+"""Summed token cross-entropy, by default computed only where labels exist.
 
 The LM head (vocabulary × hidden) is the largest matrix multiply per token, and prompt and padding
-positions have no label, so we project only the hidden states that are scored. The caller divides the sum
-by the number of label tokens in the whole optimizer step (DESIGN rule 1).
+positions have no label, so by default we project only the hidden states that are scored
+(`train.logits_at_labels_only`). The caller divides the sum by the number of label tokens in the whole
+optimizer step (DESIGN rule 1).
+
+A batch may be packed (several examples in one row, see batching.pack): it then carries `position_ids`
+that restart at 0 for each example and no attention mask, and transformers keeps attention within each
+example.
 """
 
 from __future__ import annotations
@@ -18,16 +23,24 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool | None]:
+    # No KV cache in training: transformers would otherwise build one (config.use_cache) and, with a cache,
+    # it would not recognise packed rows.
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+            "position_ids": batch.get("position_ids"), "use_cache": False}
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], labels_only: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of scored tokens) for one micro-batch."""
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
     n = int(scored.sum())
     lm = causal_lm(model)
-    if getattr(lm.config, "final_logit_softcapping", None):
-        # Models that post-process logits (Gemma-2 soft-capping) take the plain, full-head path.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    if not labels_only or getattr(lm.config, "final_logit_softcapping", None):
+        # The plain path: logits at every position (models that post-process logits, such as Gemma-2's
+        # soft-capping, always take it).
+        logits = model(**model_inputs(batch)).logits[:, :-1]
         return F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum"), n
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state
     logits = lm.get_output_embeddings()(hidden[:, :-1][scored])
     return F.cross_entropy(logits.float(), targets[scored], reduction="sum"), n

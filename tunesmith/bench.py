@@ -1,0 +1,130 @@
+"""`tunesmith bench CONFIG`: how fast, and in how much memory, a config trains on this machine.
+
+It trains the config itself for a few optimizer steps in a scratch directory (output.dir is not touched),
+then reports real (non-padding) tokens per second, seconds per step, peak memory, the FLOP/s achieved
+against this device's measured matrix-multiply peak, and how long the whole configured run would take.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.device import pick_device, pick_precision
+
+
+@dataclass
+class BenchResult:
+    device: str
+    precision: str
+    steps_measured: int
+    tokens_per_s: float
+    seconds_per_step: float
+    peak_rss_mb: float
+    peak_gpu_mb: float | None
+    flops_per_token: float
+    achieved_tflops: float
+    matmul_peak_tflops: float
+    share_of_peak: float
+    run_steps: int
+    run_hours: float
+
+    def to_text(self) -> str:
+        gpu = f", peak GPU memory {self.peak_gpu_mb:,.0f} MB" if self.peak_gpu_mb is not None else ""
+        return "\n".join([
+            f"{self.device} in {self.precision}, {self.steps_measured} optimizer steps measured (after one warm-up step)",
+            f"  {self.tokens_per_s:,.0f} tokens/s (real tokens, padding excluded), {self.seconds_per_step:.2f} s per step",
+            f"  peak RSS {self.peak_rss_mb:,.0f} MB{gpu}",
+            f"  {self.achieved_tflops * 1e3:,.1f} GFLOP/s achieved ({self.flops_per_token / 1e6:,.0f} MFLOP per token) = "
+            f"{100 * self.share_of_peak:.0f} % of this device's measured {self.precision} matmul peak "
+            f"({self.matmul_peak_tflops * 1e3:,.0f} GFLOP/s)",
+            f"  the configured run: {self.run_steps:,} steps ≈ {duration(self.run_hours)} of training "
+            "(plus evaluation and checkpoints)",
+        ])
+
+
+def matmul_peak(device: torch.device, precision: str, repeats: int = 10, trials: int = 3) -> float:
+    """Measured dense matmul FLOP/s (the best of a few timings): the ceiling a training step could reach."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(trials):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * repeats / best
+
+
+def duration(hours: float) -> str:
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.0f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
+
+
+def training_flops_per_token(total: int, trainable: int, embedding: int) -> float:
+    """Matmul FLOPs per trained token: forward 2N and backward to the activations 2N over the parameters a
+    token multiplies (all but the embedding lookup), plus 2 per trainable one for its weight gradient.
+    Attention scores are left out, so this slightly under-counts (the usual convention)."""
+    multiplied = max(total - embedding, 0)
+    return 4.0 * multiplied + 2.0 * min(trainable, multiplied)
+
+
+def bench(cfg: Config, steps: int = 10, log=print) -> BenchResult:
+    from tunesmith.training.loop import train
+
+    work = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
+    scratch = cfg.model_copy(deep=True)
+    scratch.output.dir, scratch.output.overwrite = str(work / "run"), True
+    scratch.train.max_steps = steps + 1  # the first step warms up caches and allocators: not measured
+    scratch.checkpoint.interval = None
+    scratch.eval.interval, scratch.eval.max_batches = None, 1
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        run = train(scratch, log=log)
+        return _measure(cfg, run, device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(cfg: Config, run: Path, device: torch.device) -> BenchResult:
+    from tunesmith.training.loop import total_steps
+
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    measured = [m for m in lines if "loss" in m and m["step"] > 1]
+    seconds = sum(m["step_time_s"] for m in measured)
+    tokens = sum(m["tokens"] for m in measured)
+    per_token = training_flops_per_token(**info["parameters"])
+    precision = pick_precision(cfg.train.precision, device)
+    peak = matmul_peak(device, precision)
+    report = json.loads((run / "data" / "data_report.json").read_text(encoding="utf-8"))
+    run_steps = total_steps(cfg, report["splits"]["train"]["kept"])
+    achieved = tokens / seconds * per_token
+    return BenchResult(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        precision=precision, steps_measured=len(measured), tokens_per_s=tokens / seconds,
+        seconds_per_step=seconds / len(measured),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        flops_per_token=per_token, achieved_tflops=achieved / 1e12, matmul_peak_tflops=peak / 1e12,
+        share_of_peak=achieved / peak, run_steps=run_steps, run_hours=run_steps * seconds / len(measured) / 3600,
+    )
+
+
+def result_json(result: BenchResult) -> str:
+    return json.dumps(asdict(result))
