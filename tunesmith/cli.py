@@ -25,7 +25,16 @@ def _load(config: Path, overrides: list[str]):
     return load_config(config, overrides)
 
 
-@app.command(context_settings=OVERRIDES)
+def _keys_help() -> str:
+    """Every config key with its one-line meaning, from the same texts as `tunesmith explain`."""
+    from tunesmith.explain import config_fields, one_line
+
+    lines = [f"{path}: {one_line(path)}" for path in config_fields()]
+    return ("Config keys (override any with --section.key=value; `tunesmith explain KEY` says more):\n\n"
+            + "\n\n".join(lines))
+
+
+@app.command(context_settings=OVERRIDES, epilog=_keys_help())
 def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML config file"),
           resume: bool = typer.Option(False, "--resume", help="continue the run in output.dir from its newest "
                                       "intact checkpoint"),
@@ -175,6 +184,34 @@ def bench(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML conf
     print(result.to_text())
     if as_json:
         print(result_json(result))
+
+
+@app.command()
+def explain(topic: str = typer.Argument("all", help="a key (train.lr or just lr), a section (train), a concept "
+                                         "(perplexity, overfitting, ...) or all")) -> None:
+    """Explain a config key, a section, or a word from the output, in plain language."""
+    from tunesmith.explain import explain as explain_topic
+
+    print(explain_topic(topic))
+
+
+@app.command()
+def init(out: Path = typer.Argument(..., help="the YAML file to write (must not exist)"),
+         model: str = typer.Option("smollm2-135m-instruct", "--model", help="short name, directory, .gguf or hub id"),
+         method: str = typer.Option("lora", "--method", help="lora | full | freeze"),
+         data: str = typer.Option("data/train.jsonl", "--data", help="the training file (JSON or JSONL rows)"),
+         ) -> None:
+    """Write a complete config with every key explained in a comment above it."""
+    from tunesmith.init_config import init_config
+
+    if out.exists():
+        raise TunesmithError(f"{out} exists; tunesmith init never overwrites a file")
+    try:
+        text = init_config(model, method, data, output_dir=f"runs/{out.stem}")
+    except ValueError as exc:
+        raise TunesmithError(str(exc)) from None
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}: edit data.train_file and the values you want, then `tunesmith train {out}`")
 
 
 @app.command()

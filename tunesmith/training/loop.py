@@ -271,7 +271,8 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
                     raise TunesmithError(
                         f"step {step}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
                         f"{loss if not math.isfinite(loss) else grad_norm}. Usual causes: a learning rate too high "
-                        f"(train.lr is {tc.lr}), fp16 overflow, or a bad data row. The last good checkpoint is "
+                        f"(train.lr is {tc.lr}), an overflow in low precision (try train.precision: fp32), or a bad "
+                        "data row. The last good checkpoint is "
                         f"{last[-1] if last else 'none (set checkpoint.interval)'}; train.on_nan: skip skips such "
                         "steps instead.")
                 else:
