@@ -137,3 +137,20 @@ def test_cli_full_cycle_on_the_tiny_model(tmp_path, tiny_model_dir):
     out = run_cli("export", str(tmp_path / "run"), "--format", "adapter", "--out", str(tmp_path / "adapter"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_optimizer_settings_are_checked_when_the_config_loads(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl"}, "train": {"adam_betas": [0.9, 1.5]}})
+    with pytest.raises(ConfigError, match=r"train.adam_betas.*each beta must be in \[0, 1\)"):
+        load_config(path)
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "x.jsonl"}, "train": {"adam_eps": 0}})
+    with pytest.raises(ConfigError, match="train.adam_eps"):
+        load_config(path)
+
+
+def test_a_relative_template_file_is_found_next_to_the_config(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.jinja").write_text("{{ messages }}")
+    path = write_yaml(tmp_path / "conf" / "c.yaml", {"data": {"train_file": "x.jsonl", "template": "mine.jinja"}})
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the path must still point next to the config
+    assert load_config(path).data.template == str((tmp_path / "conf" / "mine.jinja").resolve())

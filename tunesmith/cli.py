@@ -215,6 +215,18 @@ def init(out: Path = typer.Argument(..., help="the YAML file to write (must not 
 
 
 @app.command()
+def doctor() -> None:
+    """Check this machine and environment: Python and package versions against the tested ones, GPU or CPU
+    (bf16, memory), compiler and disk, and what is missing for which feature. Exits 1 if training cannot run."""
+    from tunesmith.doctor import check_environment, report
+
+    findings = check_environment()
+    print(report(findings))
+    if any(f.severity == "error" for f in findings):
+        raise typer.Exit(1)
+
+
+@app.command()
 def download(name: str = typer.Argument("smollm2-135m-instruct", help="short name or hub id")) -> None:
     """Fetch a model once into the local cache (short names are converted to safetensors)."""
     quiet_libraries()

@@ -93,7 +93,7 @@ class TrainConfig(Section):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
+    adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -117,6 +117,13 @@ class TrainConfig(Section):
     """On out-of-memory, halve the micro-batch (same rows per step, so the same training) and retry."""
     log_interval: int = Field(1, ge=1)
     """Console refresh interval in steps; metrics.jsonl gets every step regardless."""
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
 
 
 class EvalConfig(Section):
@@ -283,6 +290,9 @@ def resolve_paths(config: Config, base_dir: Path) -> Config:
                 setattr(config.data, key, str(candidate.resolve()))
             else:
                 setattr(config.data, key, str(Path(value).resolve()))
+    template = config.data.template
+    if template.endswith(".jinja") and not Path(template).is_absolute() and (base_dir / template).exists():
+        config.data.template = str((base_dir / template).resolve())  # like the data files
     model_path = config.model.name_or_path
     for candidate in (base_dir / model_path, Path(model_path)):
         if not Path(model_path).is_absolute() and candidate.exists():
