@@ -44,7 +44,7 @@ def tunesmith_side(model: str, train: Path, out: Path, args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config))
     script = (
-        "import json, resource, sys\n"
+        "import json, resource, sys, torch\n"
         "from tunesmith.config import config_from_dict\n"
         "from tunesmith.training.loop import train\n"
         "run = train(config_from_dict(json.load(open(sys.argv[1]))), log=lambda *a: None)\n"
@@ -52,7 +52,8 @@ def tunesmith_side(model: str, train: Path, out: Path, args) -> dict:
         "steps = [json.loads(l) for l in open(run / 'metrics.jsonl') if '\"loss\"' in l]\n"
         "print(json.dumps({'seconds': info['train_time_s'], 'real_tokens': sum(s['tokens'] for s in steps),\n"
         "  'final_train_loss': steps[-1]['loss'], 'precision': info['precision'],\n"
-        "  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "  'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+        "  'peak_gpu_mb': torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None}))\n"
     )
     cmd = [sys.executable, "-c", script, str(out / "config.json")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -143,20 +144,24 @@ def main() -> None:
 
     from tunesmith.bench import matmul_peak
 
-    peaks = {p: matmul_peak(torch.device("cpu"), p) for p in ("fp32", "bf16")}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    peaks = {p: matmul_peak(device, p) for p in ("fp32", "bf16")}
     for name, r in sides.items():
         r["tokens_per_s"] = r["real_tokens"] / r["seconds"]
         r["val_loss"] = validation_loss(model_dir, r["adapter"], val, args.max_length)
         r["flops_per_s"] = r["tokens_per_s"] * per_token
 
     print(f"\n{args.steps} optimizer steps × {args.batch} rows, LoRA r 8 all-linear, {args.model}, "
-          f"{os.cpu_count()} CPU threads; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+          f"{torch.cuda.get_device_name() if gpu else f'{os.cpu_count()} CPU threads'}; "
+          f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n")
-    print(f"{'':16} {'tokens/s':>9} {'wall s':>8} {'peak RSS MB':>12} {'train loss':>11} {'val loss':>9} "
-          f"{'GFLOP/s':>8} {'% bf16 peak':>11}")
+    print(f"{'':16} {'tokens/s':>9} {'wall s':>8} {'peak RSS MB':>12}" + (f" {'peak GPU MB':>12}" if gpu else "")
+          + f" {'train loss':>11} {'val loss':>9} {'GFLOP/s':>8} {'% bf16 peak':>11}")
     for name, r in sides.items():
-        print(f"{name:16} {r['tokens_per_s']:>9.0f} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['final_train_loss']:>11.4f} {r['val_loss']:>9.4f} {r['flops_per_s'] / 1e9:>8.1f} "
+        print(f"{name:16} {r['tokens_per_s']:>9.0f} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}"
+              + (f" {r.get('peak_gpu_mb') or 0:>12.0f}" if gpu else "")
+              + f" {r['final_train_loss']:>11.4f} {r['val_loss']:>9.4f} {r['flops_per_s'] / 1e9:>8.1f} "
               f"{100 * r['flops_per_s'] / peaks['bf16']:>10.1f}%")
     refs = [r for n, r in sides.items() if n.startswith("reference")]
     best = max(refs, key=lambda r: r["tokens_per_s"]) if refs else None
