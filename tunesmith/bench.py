@@ -103,10 +103,10 @@ def bench(cfg: Config, steps: int = 10, log=print) -> BenchResult:
 
 def _measure(cfg: Config, run: Path, device: torch.device) -> BenchResult:
     from tunesmith.training.loop import total_steps
+    from tunesmith.training.metrics import read_metrics
 
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    measured = [m for m in lines if "loss" in m and m["step"] > 1]
+    measured = [m for m in read_metrics(run / "metrics.jsonl") if "loss" in m and m["step"] > 1]
     seconds = sum(m["step_time_s"] for m in measured)
     tokens = sum(m["tokens"] for m in measured)
     per_token = training_flops_per_token(**info["parameters"])

@@ -23,7 +23,9 @@ from tunesmith.errors import ConfigError
 
 @lru_cache(maxsize=1)
 def texts() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(resources.files("tunesmith").joinpath("explanations.yaml").read_text(encoding="utf-8"))
+    # The CLI reads these at start-up (the key list in `train --help`): the C loader, where built, is ~10x faster.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(resources.files("tunesmith").joinpath("explanations.yaml").read_text(encoding="utf-8"), loader)
 
 
 @dataclass

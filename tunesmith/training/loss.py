@@ -6,8 +6,8 @@ positions have no label, so by default we project only the hidden states that ar
 optimizer step (DESIGN rule 1).
 
 A batch may be packed (several examples in one row, see batching.pack): it then carries `position_ids`
-that restart at 0 for each example and no attention mask, and transformers keeps attention within each
-example.
+that restart at 0 for each example and no attention mask, and the attention (training/attention.py) keeps
+each example to itself.
 """
 
 from __future__ import annotations
