@@ -82,6 +82,53 @@ def training_flops_per_token(total: int, trainable: int, embedding: int) -> floa
     return 4.0 * multiplied + 2.0 * min(trainable, multiplied)
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def results_file() -> Path:
+    from tunesmith.models import cache_dir
+
+    return cache_dir() / "bench_results.jsonl"
+
+
+def record(cfg: Config, result: BenchResult, longest: int | None = None) -> None:
+    """Keep the measurement, so estimates of run time on this machine can use it (tunesmith estimate, doctor)."""
+    entry = {"model": cfg.model.name_or_path, "method": cfg.method.name, "micro_batch_size": cfg.train.micro_batch_size,
+             "max_seq_length": cfg.data.max_seq_length, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+             "longest_row": longest, "when": time.strftime("%Y-%m-%d %H:%M"), **asdict(result)}
+    try:
+        results_file().parent.mkdir(parents=True, exist_ok=True)
+        with results_file().open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+    except OSError:
+        pass  # a read-only cache costs only the better time estimate
+
+
+def known_speed(device: str, precision: str, model: str | None = None, method: str | None = None,
+                micro_batch: int | None = None, seq: int | None = None, checkpointing: bool | None = None
+                ) -> dict | None:
+    """The latest `tunesmith bench` measurement on this device and precision: preferably of the same model,
+    method and batch shape, else of the same model and method (its tokens/s apply directly), else any (its
+    FLOP/s carry over)."""
+    try:
+        lines = results_file().read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("device") == device and entry.get("precision") == precision:
+            found.append(entry)
+    same = [e for e in found if e.get("model") == model and e.get("method") == method]
+    shape = [e for e in same if e.get("micro_batch_size") == micro_batch and seq in (e.get("longest_row"),
+             e.get("max_seq_length")) and e.get("gradient_checkpointing") == checkpointing]
+    return (shape or same or found or [None])[-1]
+
+
 def bench(cfg: Config, steps: int = 10, log=print) -> BenchResult:
     from tunesmith.training.loop import train
 
@@ -95,10 +142,13 @@ def bench(cfg: Config, steps: int = 10, log=print) -> BenchResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        run = train(scratch, log=log)
-        return _measure(cfg, run, device)
+        run = train(scratch, log=log, checks="off")  # measuring, not training: the config's own checks do not apply
+        result = _measure(cfg, run, device)
+        report = json.loads((run / "data" / "data_report.json").read_text(encoding="utf-8"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    record(cfg, result, report["splits"]["train"]["length"]["max"])
+    return result
 
 
 def _measure(cfg: Config, run: Path, device: torch.device) -> BenchResult:
@@ -116,7 +166,7 @@ def _measure(cfg: Config, run: Path, device: torch.device) -> BenchResult:
     run_steps = total_steps(cfg, report["splits"]["train"]["kept"])
     achieved = tokens / seconds * per_token
     return BenchResult(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        device=device_name(device),
         precision=precision, steps_measured=len(measured), tokens_per_s=tokens / seconds,
         seconds_per_step=seconds / len(measured),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -43,8 +43,11 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML conf
           force: bool = typer.Option(False, "--force", help="with --resume: resume even if batching, data or "
                                      "method changed"),
           overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in output.dir"),
+          ignore_checks: bool = typer.Option(False, "--ignore-checks", help="train even if the pre-flight checks "
+                                             "(those of `tunesmith doctor CONFIG`) find an error"),
           ) -> None:
-    """Fine-tune: train CONFIG.yaml [--section.key=value ...] writes a run directory at output.dir."""
+    """Fine-tune: train CONFIG.yaml [--section.key=value ...] writes a run directory at output.dir.
+    The checks of `tunesmith doctor CONFIG` run first: warnings are printed, errors stop the run."""
     args = ctx.args + (["--output.overwrite=true"] if overwrite else [])
     cfg = _load(config, args)
     if (checkpoint or force) and not resume:
@@ -52,7 +55,7 @@ def train(ctx: typer.Context, config: Path = typer.Argument(..., help="YAML conf
     quiet_libraries()
     from tunesmith.training.loop import train as run_training
 
-    run_training(cfg, resume=resume, checkpoint=checkpoint, force=force)
+    run_training(cfg, resume=resume, checkpoint=checkpoint, force=force, checks="warn" if ignore_checks else "block")
 
 
 @app.command(context_settings=OVERRIDES)
@@ -214,16 +217,61 @@ def init(out: Path = typer.Argument(..., help="the YAML file to write (must not 
     print(f"wrote {out}: edit data.train_file and the values you want, then `tunesmith train {out}`")
 
 
-@app.command()
-def doctor() -> None:
-    """Check this machine and environment: Python and package versions against the tested ones, GPU or CPU
-    (bf16, memory), compiler and disk, and what is missing for which feature. Exits 1 if training cannot run."""
+@app.command(context_settings=OVERRIDES)
+def doctor(ctx: typer.Context,
+           config: Optional[Path] = typer.Argument(None, help="a YAML config to check against its data and this "
+                                                   "machine (without it: the environment only)")) -> None:
+    """Check before you spend. Without CONFIG: Python and package versions against the tested ones, GPU or CPU
+    (bf16, memory), compiler and disk. With CONFIG: also its data (lengths against max_seq_length, splits,
+    overlap), its schedule (steps, warmup, intervals, epochs), values outside the usual range for the method,
+    precision on this device, memory (does it fit) and time. Exits 1 if something blocks training."""
     from tunesmith.doctor import check_environment, report
 
-    findings = check_environment()
+    if config is None:
+        findings = check_environment()
+    else:
+        cfg = _load(config, ctx.args)
+        quiet_libraries()
+        from tunesmith.preflight import doctor_config
+
+        findings = doctor_config(cfg)
     print(report(findings))
     if any(f.severity == "error" for f in findings):
         raise typer.Exit(1)
+
+
+@app.command()
+def estimate(
+    model: Optional[str] = typer.Option(None, "--model", help="short name, directory, .gguf or hub id (reads only "
+                                        "its config)"),
+    params: Optional[float] = typer.Option(None, "--params", help="parameter count instead of --model, e.g. 7e9"),
+    method: str = typer.Option("lora", "--method", help="full | freeze | lora | qlora"),
+    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp32"),
+    micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="rows per forward/backward pass"),
+    seq: int = typer.Option(1024, "--seq", min=8, help="tokens per row (the longest row, at most max_seq_length)"),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="e.g. 24GB (GB = 2^30 bytes); "
+                                                "default: this machine's free GPU memory or available RAM"),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto (this machine's)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    lora_r: int = typer.Option(8, "--lora-r", min=1),
+    trainable_layers: int = typer.Option(2, "--trainable-layers", min=0, help="freeze: how many last layers train"),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="training tokens in the whole run, for a time "
+                                           "estimate (e.g. 2e7)"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="with --params: the shape, if not the usual one"),
+    hidden: Optional[int] = typer.Option(None, "--hidden"),
+    intermediate: Optional[int] = typer.Option(None, "--intermediate"),
+    vocab: Optional[int] = typer.Option(None, "--vocab"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Memory a training run needs, part by part (weights, gradients, optimizer states, activations with and
+    without gradient checkpointing, overhead), whether it fits, what would make it fit, and how long it takes."""
+    from tunesmith.estimate import estimate_command
+
+    print(estimate_command(model=model, params=params, method=method, precision=precision, micro_batch=micro_batch,
+                           seq=seq, device_memory=device_memory, device=device,
+                           gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
+                           trainable_layers=trainable_layers, tokens=tokens, layers=layers, hidden=hidden,
+                           intermediate=intermediate, vocab=vocab, as_json=as_json))
 
 
 @app.command()

@@ -36,6 +36,9 @@ class SplitReport:
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     lengths: array = field(default_factory=lambda: array("i"))
+    """Token counts of the kept rows, after truncation."""
+    raw_lengths: array = field(default_factory=lambda: array("i"))
+    """Token counts of every rendered row before max_seq_length applies (what a longer limit would keep)."""
     trained_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +183,7 @@ def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: D
     """Render one example, apply the over-long policy, and add it to `sink` (a list or TokenStore)."""
     report.rows += 1
     ids, labels = render(tokenizer, example, cfg.train_on_prompt)
+    report.raw_lengths.append(len(ids))
     if len(ids) > cfg.max_seq_length:
         if cfg.overlong == "drop":
             report.dropped[f"longer than max_seq_length {cfg.max_seq_length}"] += 1

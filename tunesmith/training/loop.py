@@ -28,6 +28,7 @@ from tunesmith.errors import TrainingStopped, TunesmithError
 from tunesmith.evaluate import mean_loss
 from tunesmith.methods import describe_counts, get_method, parameter_counts
 from tunesmith.models import load_causal_lm, load_tokenizer, resolve
+from tunesmith.preflight import check_before_training
 from tunesmith.run_dir import is_run_dir, prepare_run_dir, update_run_info, write_json
 from tunesmith.training.batching import RowStream, micro_batches
 from tunesmith.training.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
@@ -184,12 +185,14 @@ def accumulate_gradients(model, rows, micro: int, pad_id: int, device, precision
 
 
 def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None = None, force: bool = False,
-          stop_at_step: int | None = None) -> Path:
+          stop_at_step: int | None = None, checks: str = "block") -> Path:
     """Run one fine-tuning job described by `cfg`; returns the run directory.
 
     resume: continue the run in `output.dir` from its newest intact checkpoint (or `checkpoint`, by name);
     force: resume even if settings that change the run (batching, data, method) differ;
-    stop_at_step: stop after this step as if preempted (checkpoint, then TrainingStopped).
+    stop_at_step: stop after this step as if preempted (checkpoint, then TrainingStopped);
+    checks: the pre-flight checks of `tunesmith doctor CONFIG` print their warnings and errors, and errors
+    stop the run ("block"), or not ("warn"), or the checks are skipped ("off").
     """
     tc = cfg.train
     seed_everything(tc.seed)
@@ -199,6 +202,8 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     # ---- data: read, split, render, tokenize (the report is printed before any model is loaded)
     source, tokenizer, data = load_data_and_tokenizer(cfg)
     log(data.report.to_text())
+    if checks != "off":
+        check_before_training(cfg, data.report, log, checks)
     run_dir = open_run_dir(cfg, resume)
     if not resume:
         write_run_files(run_dir, cfg, source, tokenizer, data)
