@@ -77,7 +77,7 @@ def test_activation_bytes_per_layer_and_token_are_what_autograd_keeps(method, pr
                                                                                      precision=precision, layers=2)
     plan = Plan(shape_of(3), method=method, precision=precision, lora_r=8)
     assert per_layer == pytest.approx(layer_activation_bytes(plan), rel=0.01)
-    # The LM head keeps the scored logits (bf16 and their fp32 copy under autocast, fp32 alone otherwise).
+    # The LM head keeps the scored logits in fp32 for the cross-entropy (4 bytes per vocabulary entry).
     big = per_token(method=method, precision=precision, layers=2, vocab=2048)
     small = per_token(method=method, precision=precision, layers=2)
     assert (big - small) / (2048 - 512) == pytest.approx(HEAD_SAVED[precision], rel=0.01)
@@ -124,6 +124,9 @@ def test_verdict_and_the_changes_that_make_a_run_fit():
     # fp32 weights, gradients and two AdamW moments: 16 bytes per parameter before any activation
     assert result.part("weights") + result.part("gradients") + result.part("optimizer states") == 16 * 7e9
     assert result.suggestions  # something is always proposed
+    # With accumulation, earlier micro-batches' gradients are held while the next one runs.
+    accumulating = estimate_memory(replace(full, grad_accum=4))
+    assert accumulating.peak - result.peak == pytest.approx(result.part("gradients"))
 
     lora = Plan(shape_from_params(1.1e9), "lora", "bf16", micro_batch=16, seq=2048, device="cuda",
                 device_memory=16 * GiB)
@@ -160,8 +163,9 @@ def test_more_tokens_more_memory_and_bf16_less_than_fp32():
 def test_sizes_parse_and_bad_ones_are_refused():
     assert parse_size("24GB") == parse_size("24 GiB") == parse_size("24") == 24 * GiB
     assert parse_size("800MB") == 800 * 2**20
-    with pytest.raises(ValueError, match="not a memory size"):
-        parse_size("lots")
+    for bad in ("lots", "512b"):  # a bare b would be bytes: refused rather than read as GiB
+        with pytest.raises(ValueError, match="not a memory size"):
+            parse_size(bad)
 
 
 def test_estimate_command(tiny_model_dir):

@@ -53,9 +53,10 @@ def test_schedule_findings(make_config):
     assert batch.severity == "warning" and "larger than the training data (40 rows)" in batch.message
     assert "only 1 optimizer steps" in by_topic(findings, "steps")[1].message
     warm = by_topic(findings, "warmup")[0]
-    assert "never reaches train.lr" in warm.message and warm.suggestion == "train.warmup_steps: 1"
-    assert "validation runs only at the end" in by_topic(findings, "eval")[0].message
-    assert "no checkpoint before the end" in by_topic(findings, "checkpoint")[0].message
+    assert "never reaches train.lr" in warm.message and warm.suggestion == "train.warmup_steps: 0"
+    ev, ck = by_topic(findings, "eval")[0], by_topic(findings, "checkpoint")[0]
+    assert "validation runs only at the end" in ev.message and ev.suggestion == "eval.interval: null (end only)"
+    assert "no checkpoint before the end" in ck.message and ck.suggestion.startswith("checkpoint.interval: null")
 
     cfg = make_config(unique_rows(400), data={"val_size": 60, "test_size": 0},
                       train={"max_steps": None, "epochs": 1, "micro_batch_size": 4, "warmup_steps": 30})
@@ -131,9 +132,30 @@ def test_precision_and_memory_on_this_device(make_config):
     assert by_topic(findings, "precision")[0].severity == "info"
     assert by_topic(findings, "compile")[0].severity == "error"
 
-    small = Machine("cpu", "CPU (test)", "fp32", 0.5 * GiB, bf16_native=False, compiler=True)
-    memory = by_topic(findings_for(make_config(unique_rows(100)), small), "memory")[0]
-    assert memory.severity == "error" and "does not fit" in memory.message and "--ignore-checks" in memory.suggestion
+
+def test_memory_verdict_follows_the_model_and_batch(make_config, monkeypatch):
+    import tunesmith.estimate as estimate
+
+    monkeypatch.setattr(estimate, "CPU_RUNTIME", 0.0)  # so the tiny model's own needs decide the verdict
+    cfg = make_config(unique_rows(100), train={"micro_batch_size": 8})
+    from tunesmith.estimate import estimate_memory
+    from tunesmith.preflight import plan_for
+    from tunesmith.training.loop import load_data_and_tokenizer
+
+    report = load_data_and_tokenizer(cfg)[2].report
+    need = estimate_memory(plan_for(cfg, shape_from_model(cfg.model.name_or_path), CPU, report)).peak
+    assert need > 1e6  # the tiny model's weights, states and activations: a few MB
+    roomy = Machine("cpu", "CPU (test)", "fp32", need * 1.5, bf16_native=False, compiler=True)
+    assert by_topic(findings_for(cfg, roomy), "memory")[0].severity == "ok"
+    tight = Machine("cpu", "CPU (test)", "fp32", need * 1.05, bf16_native=False, compiler=True)
+    finding = by_topic(findings_for(cfg, tight), "memory")[0]
+    assert finding.severity == "warning" and "tight" in finding.message
+    short = Machine("cpu", "CPU (test)", "fp32", need * 0.5, bf16_native=False, compiler=True)
+    finding = by_topic(findings_for(cfg, short), "memory")[0]
+    assert finding.severity == "error" and "does not fit" in finding.message and "--ignore-checks" in finding.suggestion
+    assert "train.micro_batch_size: " in finding.suggestion and "QLoRA" not in finding.suggestion
+    cfg.train.auto_micro_batch = True  # it would shrink the micro-batch by itself: a warning, not an error
+    assert by_topic(findings_for(cfg, short), "memory")[0].severity == "warning"
 
 
 def test_time_estimate_and_checkpoint_advice_use_the_measured_speed(make_config):
@@ -157,7 +179,7 @@ def test_train_runs_the_checks_errors_block_and_ignore_checks_trains(make_config
 
     import tunesmith.preflight as preflight
 
-    monkeypatch.setattr(preflight, "this_machine", lambda *a: Machine("cpu", "CPU (test)", "fp32", 0.2 * GiB,
+    monkeypatch.setattr(preflight, "this_machine", lambda *a: Machine("cpu", "CPU (test)", "fp32", 0.3 * GiB,
                                                                       False, True))
     cfg.output.dir = str(tmp_path / "blocked")
     with pytest.raises(TunesmithError, match="pre-flight checks found 1 error"):

@@ -242,8 +242,8 @@ def doctor(ctx: typer.Context,
 
 @app.command()
 def estimate(
-    model: Optional[str] = typer.Option(None, "--model", help="short name, directory, .gguf or hub id (reads only "
-                                        "its config)"),
+    model: Optional[str] = typer.Option(None, "--model", help="short name, directory, .gguf or hub id (its config "
+                                        "is read; weights are not loaded)"),
     params: Optional[float] = typer.Option(None, "--params", help="parameter count instead of --model, e.g. 7e9"),
     method: str = typer.Option("lora", "--method", help="full | freeze | lora | qlora"),
     precision: str = typer.Option("bf16", "--precision", help="bf16 | fp32"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -24,7 +27,7 @@ def has_amx() -> bool:
 
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 (T4, V100) is slow
     # CPUs with AVX512-BF16 or AMX run bf16 matmuls natively; elsewhere bf16 is emulated and slower than fp32.
     cpu = getattr(torch, "cpu", None)
     return bool(cpu and (cpu._is_avx512_bf16_supported() or has_amx()))
@@ -43,3 +46,27 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def has_cpp_compiler() -> bool:
+    """torch.compile builds its CPU kernels with a C++ compiler."""
+    return bool(shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
+
+
+def total_ram() -> float | None:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_ram() -> float | None:
+    """Bytes a training run in this process could use: what Linux reports as available without swapping
+    (MemAvailable) plus what this process already holds; physical memory where that is not reported."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                      if ":" in line)
+        return (float(info["MemAvailable"].split()[0]) + float(status["VmRSS"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return total_ram()

@@ -87,22 +87,15 @@ def check_python() -> Finding:
     return Finding("ok", "python", version)
 
 
-def _memory_gb() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_device() -> list[Finding]:
     import torch
 
-    from tunesmith.device import bf16_supported, has_amx
+    from tunesmith.device import bf16_supported, has_amx, total_ram
 
     findings = []
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        findings.append(Finding("ok", "gpu", f"{props.name}, {props.total_memory / 1e9:.0f} GB, "
+        findings.append(Finding("ok", "gpu", f"{props.name}, {props.total_memory / 2**30:.0f} GiB, "
                                 f"bf16 {'yes' if bf16_supported(torch.device('cuda')) else 'no'}"
                                 + (f" ({torch.cuda.device_count()} GPUs; tunesmith trains on one)"
                                    if torch.cuda.device_count() > 1 else "")))
@@ -112,10 +105,10 @@ def check_device() -> list[Finding]:
                                                                   " (this torch is a CPU build)"),
                                 "training runs on the CPU: fine for small models (up to ~0.5B with LoRA)"))
     cpu_bf16 = bf16_supported(torch.device("cpu"))
-    memory = _memory_gb()
+    memory = total_ram()
     findings.append(Finding("ok", "cpu", f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), "
                             f"bf16 {'native' + (' with AMX' if has_amx() else '') if cpu_bf16 else 'not native'}"
-                            + (f", {memory:.0f} GB memory" if memory else "")))
+                            + (f", {memory / 2**30:.0f} GiB memory" if memory else "")))
     if not cpu_bf16 and not torch.cuda.is_available():
         findings.append(Finding("info", "precision", "this CPU has no native bf16, so precision auto means fp32",
                                 "fp32 is correct, about 1.5-2x slower than bf16 where bf16 is native"))
@@ -124,7 +117,9 @@ def check_device() -> list[Finding]:
 
 def check_tools() -> list[Finding]:
     findings = []
-    if shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"):
+    from tunesmith.device import has_cpp_compiler
+
+    if has_cpp_compiler():
         findings.append(Finding("ok", "c++ compiler", "present (train.compile can build CPU kernels)"))
     else:
         findings.append(Finding("info", "c++ compiler", "none found; train.compile: true will fail on CPU",

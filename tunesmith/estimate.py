@@ -119,9 +119,10 @@ def shape_from_params(params: float, **overrides) -> ModelShape:
     return replace(shape, **given)
 
 
-def shape_from_model(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False
-                     ) -> ModelShape:
-    """The exact shape of a model, from its config alone: weights are never loaded (a meta-device build)."""
+def shape_from_model(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                     revision: str | None = None) -> ModelShape:
+    """The exact shape of a model from its config: the parameters are counted on a meta-device build, so
+    no weights are read (a short name is still fetched and converted once, like any use of it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -130,7 +131,8 @@ def shape_from_model(name_or_path: str, gguf_file: str | None = None, trust_remo
 
     source = resolve(name_or_path, gguf_file)
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, revision=revision,
+                                            **source.kwargs())
     except Exception as exc:  # noqa: BLE001 - a hub id offline, or not a model: say which
         raise ModelError(f"could not read the configuration of '{name_or_path}': {str(exc)[:300]}") from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -157,6 +159,8 @@ class Plan:
     precision: Precision = "bf16"
     micro_batch: int = 4
     seq: int = 1024
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: above 1, gradients are held while the next micro-batch runs."""
     device: Literal["cpu", "cuda"] = "cpu"
     device_memory: float | None = None
     """Bytes available (GPU memory, or RAM on CPU); None: no verdict."""
@@ -223,7 +227,7 @@ class MemoryEstimate:
             verdict = "fits" if self.fits else "does not fit"
             lines.append(f"{verdict}: {gib(self.peak)} of {gib(p.device_memory)} ({share:.0f} %)")
             if self.suggestions:
-                lines.append("changes that would make it fit:" if not self.fits else "with room to spare, you could:")
+                lines.append("changes that would make it fit:")
                 lines += [f"  - {x}" for x in self.suggestions]
         return "\n".join(lines)
 
@@ -234,7 +238,7 @@ def gib(n: float) -> str:
 
 def parse_size(text: str) -> float:
     """'24GB', '24 GiB', '800MB', '24' (GiB) → bytes. GB and GiB both mean 2**30, as GPU makers' cards do."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(t|g|m|k)?i?b?\s*", text.lower())
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([tgmk])i?b?)?\s*", text.lower())
     if not m:
         raise ValueError(f"not a memory size: {text!r} (write e.g. 24GB or 800MB)")
     unit = {"t": 2**40, "g": GiB, "m": 2**20, "k": 2**10, None: GiB}[m.group(2)]
@@ -275,7 +279,9 @@ def activation_bytes(plan: Plan, checkpointing: bool) -> float:
     return layers + head
 
 
-def estimate_memory(plan: Plan, suggest: bool = True) -> MemoryEstimate:
+def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) -> MemoryEstimate:
+    """The memory a plan needs; with `suggest`, when it does not fit, the changes that would make it fit
+    (`offer_qlora`: include switching to a 4-bit base, which tunesmith's config cannot express yet)."""
     s = plan.shape
     trainable = trainable_params(plan)
     half = plan.precision == "bf16"
@@ -325,17 +331,20 @@ def estimate_memory(plan: Plan, suggest: bool = True) -> MemoryEstimate:
     slack = CUDA_SLACK * (acts + copies) if plan.device == "cuda" else 0.0
     parts.append(Part("overhead", runtime + slack, "runtime (Python, PyTorch, CUDA context) and allocator slack"))
 
-    # The forward/backward peak holds everything but the gradients, which grow as activations are freed;
-    # the optimizer step holds the gradients and no activations. The larger of the two is the peak.
+    # The forward/backward peak holds everything but the gradients, which grow as activations are freed
+    # (with accumulation, the earlier micro-batches' gradients are held as well); the optimizer step holds
+    # the gradients and no activations. The larger of the two is the peak.
     static = base + states + runtime
-    peak = max(static + copies + acts + slack, static + grads + (trainable * 4 if plan.device == "cuda" else 0))
+    held = grads if plan.grad_accum > 1 else 0.0
+    peak = max(static + copies + acts + slack + held,
+               static + grads + (trainable * 4 if plan.device == "cuda" else 0))  # foreach AdamW's temporaries
     estimate = MemoryEstimate(plan, trainable, parts, peak, other)
-    if suggest and plan.device_memory is not None:
-        estimate.suggestions = fit_suggestions(plan) if peak > plan.device_memory else []
+    if suggest and plan.device_memory is not None and peak > plan.device_memory:
+        estimate.suggestions = fit_suggestions(plan, offer_qlora)
     return estimate
 
 
-def fit_suggestions(plan: Plan) -> list[str]:
+def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
     """Changes, one at a time and then combined, that bring the estimate under the device memory."""
     limit = plan.device_memory
     assert limit is not None
@@ -366,17 +375,26 @@ def fit_suggestions(plan: Plan) -> list[str]:
         out.append("train.precision: bf16 (where the device supports it)")
     if plan.method in ("full", "freeze") and fits(replace(plan, method="lora")):
         out.append("method.name: lora (trains ~1 % of the weights, usually close in quality)")
-    if plan.method != "qlora" and fits(replace(plan, method="qlora", precision="bf16")):
-        out.append("method qlora: a 4-bit base with LoRA on top (planned in tunesmith; peers offer it today)")
-    if not out:
-        combined = replace(plan, gradient_checkpointing=True, micro_batch=1, precision="bf16",
-                           method="qlora" if plan.method != "freeze" else plan.method)
+    if offer_qlora and plan.method != "qlora" and fits(replace(plan, method="qlora", precision="bf16")):
+        out.append("QLoRA: a 4-bit base with LoRA on top (not in tunesmith yet; planned)")
+    if out:
+        return out
+    # Nothing alone is enough: add changes one by one, cheapest first, and say exactly which ones fit.
+    combined, changes = plan, []
+    steps = [("gradient checkpointing", {"gradient_checkpointing": True}), ("micro-batch 1", {"micro_batch": 1}),
+             ("bf16", {"precision": "bf16"}), ("LoRA", {"method": "lora"})]
+    if offer_qlora:
+        steps.append(("a 4-bit (QLoRA) base", {"method": "qlora", "precision": "bf16"}))
+    for label, change in steps:
+        candidate = replace(combined, **change)
+        if candidate == combined or (label == "LoRA" and plan.method in ("lora", "qlora")):
+            continue
+        combined, changes = candidate, changes + [label]
         if fits(combined):
-            out.append("all of: gradient checkpointing, micro-batch 1, bf16 and a 4-bit (QLoRA) base")
-        else:
-            out.append("a device with more memory or a smaller model: even micro-batch 1 with gradient "
-                       f"checkpointing and a 4-bit base needs {gib(estimate_memory(combined, False).peak)}")
-    return out
+            return ["all of: " + ", ".join(changes)]
+    need = estimate_memory(combined, suggest=False).peak
+    return [f"a device with more memory, or a smaller model: even with {', '.join(changes) or 'these settings'} "
+            f"it needs {gib(need)}"]
 
 
 def estimate_command(*, model: str | None, params: float | None, method: str, precision: str, micro_batch: int,
@@ -401,7 +419,7 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
         raise ConfigError(f"--params {params:g} looks like a count in millions or billions: write 7e9 for 7B")
     shape = (shape_from_model(model) if model else
              shape_from_params(params, layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab))
-    machine = this_machine()
+    machine = this_machine("cpu" if device == "cpu" else "auto")
     where = machine.device if device == "auto" else device
     try:
         memory = parse_size(device_memory) if device_memory else (machine.memory if where == machine.device else None)

@@ -8,17 +8,13 @@ the run unless `--ignore-checks` is given.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass, replace
-from pathlib import Path
-
 import numpy as np
 
 from tunesmith.config import Config
 from tunesmith.data.pipeline import DataReport
 from tunesmith.doctor import Finding
-from tunesmith.estimate import ModelShape, Plan, estimate_memory, gib, trainable_params
+from tunesmith.estimate import CUDA_RUNTIME, ModelShape, Plan, estimate_memory, gib, trainable_params
 
 CHECKPOINT_WRITE_BYTES_PER_S = 0.5e9  # a local SSD, with safetensors and the optimizer state
 CPU_SHARE_OF_PEAK, GPU_SHARE_OF_PEAK = 0.30, 0.35  # measured training FLOP/s over matmul peak, when unmeasured
@@ -41,40 +37,25 @@ class Speed:
 
 
 def this_machine(wanted_device: str = "auto", wanted_precision: str = "auto") -> Machine:
-    """The device train.device picks here, what train.precision resolves to on it, and its memory."""
+    """The device train.device picks here, what train.precision resolves to on it, and the memory a run in
+    this process could use (the runtime already loaded counts as usable: the estimate adds it itself)."""
+    import warnings
+
     import torch
 
     from tunesmith.bench import device_name
-    from tunesmith.device import bf16_supported, pick_device, pick_precision
-
-    device = pick_device(wanted_device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        memory: float | None = float(free)
-    else:
-        memory = available_ram()
-    native = bf16_supported(device)
-    import warnings
+    from tunesmith.device import available_ram, bf16_supported, has_cpp_compiler, pick_device, pick_precision
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the precision finding below says it better
+        warnings.simplefilter("ignore")  # the device and precision findings below say it better
+        device = pick_device(wanted_device)
         precision = pick_precision(wanted_precision, device)
-    compiler = bool(shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
-    return Machine(device.type, device_name(device), precision, memory, native, compiler)
-
-
-def available_ram() -> float | None:
-    """MemAvailable (what can be used without swapping) where Linux reports it, else physical memory."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info()  # this creates the CUDA context, which the estimate counts
+        memory: float | None = float(free + torch.cuda.memory_reserved()) + CUDA_RUNTIME
+    else:
+        memory = available_ram()
+    return Machine(device.type, device_name(device), precision, memory, bf16_supported(device), has_cpp_compiler())
 
 
 def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataReport | None = None) -> Plan:
@@ -85,7 +66,7 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
         seq = min(seq, max(train.lengths))
         share = train.trained_tokens / max(sum(train.lengths), 1) if cfg.train.logits_at_labels_only else 1.0
     return Plan(shape, method=cfg.method.name, precision="bf16" if machine.precision == "bf16" else "fp32",
-                micro_batch=cfg.train.micro_batch_size, seq=seq, device="cuda" if machine.device == "cuda" else "cpu",
+                micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq, device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 lora_r=cfg.method.r, lora_targets=cfg.method.target_modules,
                 trainable_layers=cfg.method.trainable_layers, bf16_frozen_weights=cfg.train.bf16_frozen_weights,
@@ -145,10 +126,10 @@ def steps_and_batch(cfg: Config, n_train: int) -> list[Finding]:
     warm = tc.warmup_steps
     if warm >= steps:
         out.append(Finding("warning", "warmup", f"train.warmup_steps ({warm}) ≥ the run's {steps} steps: the "
-                           "learning rate never reaches train.lr", f"train.warmup_steps: {max(1, steps // 20)}"))
+                           "learning rate never reaches train.lr", f"train.warmup_steps: {steps // 20}"))
     elif warm > 0.2 * steps:
         out.append(Finding("warning", "warmup", f"warmup is {100 * warm / steps:.0f} % of the run ({warm} of "
-                           f"{steps} steps); a few percent is usual", f"train.warmup_steps: {max(1, steps // 20)}"))
+                           f"{steps} steps); a few percent is usual", f"train.warmup_steps: {steps // 20}"))
     return out
 
 
@@ -174,7 +155,8 @@ def intervals(cfg: Config, steps: int, report: DataReport, speed: Speed | None, 
                                "data.val_size: 0.1 (or a row count such as 200), or a data.val_file"))
         elif cfg.eval.interval >= steps:
             out.append(Finding("warning", "eval", f"eval.interval {cfg.eval.interval} ≥ the run's {steps} steps: "
-                               "validation runs only at the end", f"eval.interval: {max(1, steps // 10)}"))
+                               "validation runs only at the end",
+                               f"eval.interval: {steps // 10}" if steps >= 20 else "eval.interval: null (end only)"))
         else:
             rows = min(val.kept, (cfg.eval.max_batches or 10**9) * cfg.eval.batch_size)
             # A forward pass costs about a third (full) to a half (adapters) of a training step per token.
@@ -190,7 +172,8 @@ def intervals(cfg: Config, steps: int, report: DataReport, speed: Speed | None, 
     if ckpt and ckpt >= steps:
         out.append(Finding("warning", "checkpoint", f"checkpoint.interval {ckpt} ≥ the run's {steps} steps: no "
                            "checkpoint before the end, so a crash loses the run",
-                           f"checkpoint.interval: {max(1, steps // 5)}"))
+                           f"checkpoint.interval: {steps // 5}" if steps >= 10 else
+                           "checkpoint.interval: null (a run this short needs none)"))
     elif ckpt and speed:
         save_s = trainable * 12 / CHECKPOINT_WRITE_BYTES_PER_S  # weights, and AdamW's two moments
         train_s = ckpt * step_tokens / speed.tokens_per_s
@@ -299,23 +282,29 @@ def device_support(cfg: Config, machine: Machine) -> list[Finding]:
 
 
 def memory(cfg: Config, plan: Plan) -> list[Finding]:
-    est = estimate_memory(plan)
+    est = estimate_memory(plan, offer_qlora=False)  # suggestions limited to what the config can say
+    out = []
+    if plan.method == "freeze" and cfg.method.trainable_modules:
+        out.append(Finding("info", "memory", "the estimate counts the trained layers, not method.trainable_modules"))
     if plan.device_memory is None:
-        return [Finding("info", "memory", f"needs about {gib(est.peak)} (available memory unknown)")]
+        return out + [Finding("info", "memory", f"needs about {gib(est.peak)} (available memory unknown)")]
     share = est.peak / plan.device_memory
-    where = "free GPU memory" if plan.device == "cuda" else "available RAM"
-    text = f"needs about {gib(est.peak)} of {gib(plan.device_memory)} {where} ({100 * share:.0f} %)"
-    fixes = "; ".join(est.suggestions[:3])
+    where = "GPU memory" if plan.device == "cuda" else "RAM"
+    text = f"needs about {gib(est.peak)} of {gib(plan.device_memory)} available {where} ({100 * share:.0f} %)"
     if share <= 0.85:
-        return [Finding("ok", "memory", text)]
+        return out + [Finding("ok", "memory", text)]
     if share <= 1.0:
-        return [Finding("warning", "memory", text + ": tight", fixes or "train.gradient_checkpointing: true")]
+        tighter = ("train.gradient_checkpointing: true" if not plan.gradient_checkpointing else
+                   f"train.micro_batch_size: {max(1, plan.micro_batch // 2)}" if plan.micro_batch > 1 else
+                   "a shorter data.max_seq_length")
+        return out + [Finding("warning", "memory", text + ": tight", tighter)]
     if cfg.train.auto_micro_batch and estimate_memory(replace(plan, micro_batch=1)).peak <= plan.device_memory:
-        return [Finding("warning", "memory", text + ": train.auto_micro_batch will shrink the micro-batch")]
+        return out + [Finding("warning", "memory", text + ": train.auto_micro_batch will shrink the micro-batch")]
     # The estimate is within ±25 %: only a clear excess blocks a run.
     severity = "error" if est.peak * 0.8 > plan.device_memory else "warning"
-    return [Finding(severity, "memory", text + (": does not fit" if severity == "error" else ": may not fit"),
-                    fixes + " (`tunesmith estimate` shows the breakdown; `--ignore-checks` trains anyway)")]
+    fixes = "; ".join(est.suggestions[:3])
+    return out + [Finding(severity, "memory", text + (": does not fit" if severity == "error" else ": may not fit"),
+                          fixes + " (`tunesmith estimate` shows the breakdown; `--ignore-checks` trains anyway)")]
 
 
 def run_time(steps: int, report: DataReport, cfg: Config, speed: Speed | None) -> list[Finding]:
@@ -346,13 +335,13 @@ def check_config(cfg: Config, report: DataReport, shape: ModelShape | None, mach
 
 
 def model_shape(cfg: Config) -> ModelShape | None:
-    from tunesmith.errors import TunesmithError
     from tunesmith.estimate import shape_from_model
 
     try:
-        return shape_from_model(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.trust_remote_code)
-    except (TunesmithError, ValueError, OSError, KeyError, TypeError):
-        return None  # the model loader gives the real error, if there is one
+        return shape_from_model(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.trust_remote_code,
+                                cfg.model.revision)
+    except Exception:  # noqa: BLE001 - advisory: the model loader gives the real error, if there is one
+        return None
 
 
 def doctor_config(cfg: Config) -> list[Finding]:
