@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from tunesmith.methods import METHODS
 import yaml
 
 from tunesmith.config import config_from_dict
@@ -28,7 +30,7 @@ def test_every_config_field_has_an_explanation():
         for other in entry["interacts"]:
             assert other in fields, f"{path} refers to unknown key {other}"
         for method, bounds in (entry.get("range") or {}).items():
-            assert method in ("full", "freeze", "lora", "qlora") and bounds[0] < bounds[1], path
+            assert method in METHODS and bounds[0] < bounds[1], path
 
 
 def test_every_section_and_the_output_words_are_explained():
@@ -64,12 +66,13 @@ def test_unknown_or_ambiguous_topics_are_clear_errors():
         resolve_topic("seed")
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "freeze"])
+@pytest.mark.parametrize("method", ["lora", "full", "freeze", "ia3", "oft", "boft"])
 def test_init_writes_a_commented_config_that_loads(method):
     text = init_config("smollm2-135m-instruct", method, "data/train.jsonl")
     cfg = config_from_dict(yaml.safe_load(text), "init")
     assert cfg.method.name == method and cfg.data.train_file == "data/train.jsonl"
-    assert cfg.train.lr == {"lora": 2e-4, "full": 2e-5, "freeze": 1e-4}[method]
+    assert cfg.train.lr == {"lora": 2e-4, "full": 2e-5, "freeze": 1e-4, "ia3": 1e-3, "oft": 1e-4, "boft": 1e-4}[method]
+    assert ("  r: " in text) == (method == "lora") and ("block_size" in text) == (method in ("oft", "boft"))
     lines = text.splitlines()
     keys = [i for i, line in enumerate(lines) if line.startswith("  ") and not line.startswith("  #")]
     assert keys and all(lines[i - 1].startswith("  # ") for i in keys)  # every key has its comment above it

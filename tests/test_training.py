@@ -130,7 +130,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 def test_weight_decay_skips_norms_and_biases():
     model = build_tiny_model(vocab_size=300)
     named = list(model.named_parameters())
-    decay, no_decay = param_groups(named, 0.1)
+    decay, no_decay = param_groups(named, 0.1, lr=1e-3)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in named}
     assert all("norm" in names[id(p)] for p in no_decay["params"]) and no_decay["params"]

@@ -70,15 +70,37 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora"] = "lora"
+    name: Literal["full", "freeze", "lora", "ia3", "oft", "boft"] = "lora"
     # LoRA
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA's input dropout; OFT's and BOFT's module dropout."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    # freeze: train the last N decoder layers and/or modules whose name contains one of these strings
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: Literal["default", "gaussian"] = "default"
+    lora_plus_ratio: float | None = Field(None, gt=0)
+    modules_to_save: list[str] = Field(default_factory=list)
+    # OFT / BOFT
+    block_size: int = Field(32, ge=1)
+    # freeze: train the last N decoder layers, modules whose name contains one of these strings, and/or
+    # parameters whose name matches a regular expression
     trainable_layers: int = Field(2, ge=0)
     trainable_modules: list[str] = Field(default_factory=list)
+    trainable_regex: str | None = None
+
+    @field_validator("trainable_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
 
 
 class TrainConfig(Section):

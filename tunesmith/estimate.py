@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GiB = 2**30
-Method = Literal["full", "freeze", "lora", "qlora"]
+Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft"]
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft")  # a frozen base with small trained add-ons
 Precision = Literal["fp32", "bf16"]
 
 # Bytes autograd keeps per token and decoder layer: coefficients of (hidden, intermediate, query width,
@@ -168,6 +169,8 @@ class Plan:
     lora_r: int = 8
     lora_targets: str | list[str] = "all-linear"
     trainable_layers: int = 2
+    block_size: int = 32
+    """OFT/BOFT block size."""
     bf16_frozen_weights: bool = True
     labelled_share: float = 1.0
     """Share of tokens that carry a label (the LM head runs only there); 1.0 is the worst case."""
@@ -178,7 +181,7 @@ class Plan:
 
     @property
     def adapter(self) -> bool:
-        return self.method in ("lora", "qlora")
+        return self.method in ADAPTER_METHODS
 
 
 @dataclass
@@ -208,7 +211,9 @@ class MemoryEstimate:
     def to_text(self) -> str:
         p, s = self.plan, self.plan.shape
         method = {"lora": f"LoRA r {p.lora_r}", "qlora": f"QLoRA (4-bit NF4 base, LoRA r {p.lora_r})",
-                  "full": "full fine-tuning", "freeze": f"freeze (last {p.trainable_layers} layers train)"}[p.method]
+                  "full": "full fine-tuning", "freeze": f"freeze (last {p.trainable_layers} layers train)",
+                  "ia3": "IA3", "oft": f"OFT (blocks of {p.block_size})",
+                  "boft": f"BOFT (blocks of {p.block_size})"}[p.method]
         shape = f"{s.params / 1e6:,.0f}M parameters, {s.layers} layers, hidden {s.hidden}, vocabulary {s.vocab:,}"
         lines = [f"Memory estimate: {s.name} ({shape}), {method}, {p.precision}, micro-batch {p.micro_batch} × "
                  f"{p.seq} tokens{', gradient checkpointing' if p.gradient_checkpointing else ''}, on {p.device}"]
@@ -251,6 +256,15 @@ def trainable_params(plan: Plan) -> int:
         return s.params
     if plan.method == "freeze":
         return min(plan.trainable_layers, s.layers) * s.layer_params()
+    q, kv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    if plan.method == "ia3":  # a vector per key and value output, and one per MLP-down input
+        return s.layers * (2 * kv + i)
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of a layer's linears
+    b = plan.block_size
+    if plan.method == "oft":  # a skew-symmetric block (its upper triangle) per block of inputs
+        return s.layers * sum(n_in // b * b * (b - 1) // 2 for n_in, _ in shapes)
+    if plan.method == "boft":
+        return s.layers * sum(n_in // b * b * b + n_out for n_in, n_out in shapes)
     return s.lora_params(plan.lora_r, plan.lora_targets)
 
 
@@ -291,7 +305,7 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
     if plan.method == "qlora":
         base = s.linear * QLORA_BITS / 8 + (s.embedding + s.head) * 2
         note = "linear layers in 4-bit NF4, embeddings in bf16"
-    elif plan.method == "lora" and half and plan.bf16_frozen_weights:
+    elif plan.adapter and half and plan.bf16_frozen_weights:
         base = s.linear * 2 + s.head * 2 + (s.params - s.linear - s.head) * 4
         note = "frozen linear layers in bf16, embeddings and norms in fp32"
     else:
@@ -308,9 +322,9 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
         copies = s.linear * 2
     elif half and plan.method == "freeze":
         copies = s.linear * 2 * min(plan.trainable_layers, s.layers) / s.layers
-    elif half and plan.method == "lora" and not plan.bf16_frozen_weights:
+    elif half and plan.adapter and plan.method != "qlora" and not plan.bf16_frozen_weights:
         copies = s.linear * 2
-    if half and not (plan.method == "lora" and plan.bf16_frozen_weights) and plan.method != "qlora":
+    if half and not (plan.adapter and plan.bf16_frozen_weights) and plan.method != "qlora":
         copies += s.vocab * s.hidden * 2  # the LM head's weight (or the tied embedding), cast each step
     if copies:
         parts.append(Part("bf16 weight copies", copies, "autocast's bf16 copies of fp32 weights, kept for backward"))
@@ -387,7 +401,7 @@ def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
         steps.append(("a 4-bit (QLoRA) base", {"method": "qlora", "precision": "bf16"}))
     for label, change in steps:
         candidate = replace(combined, **change)
-        if candidate == combined or (label == "LoRA" and plan.method in ("lora", "qlora")):
+        if candidate == combined or (label == "LoRA" and plan.adapter):
             continue
         combined, changes = candidate, changes + [label]
         if fits(combined):
@@ -409,8 +423,8 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
 
     if (model is None) == (params is None):
         raise ConfigError("give either --model NAME_OR_PATH or --params COUNT (e.g. --params 7e9)")
-    if method not in ("full", "freeze", "lora", "qlora"):
-        raise ConfigError(f"--method {method!r}: one of full, freeze, lora, qlora")
+    if method not in ("full", "freeze", *ADAPTER_METHODS):
+        raise ConfigError(f"--method {method!r}: one of full, freeze, {', '.join(ADAPTER_METHODS)}")
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision {precision!r}: bf16 or fp32")
     if device not in ("auto", "cpu", "cuda"):

@@ -25,7 +25,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     if fmt == "adapter":
-        if method.name != "lora":
+        if method.saves_base_weights:  # full and freeze change the weights themselves
             raise TunesmithError(f"this run used method '{method.name}', which has no adapter; use --format merged")
         method.save(loaded.model, staging)
     else:

@@ -19,10 +19,18 @@ METHOD_STARTS: dict[str, dict[str, Any]] = {
     "lora": {"method.r": 16, "method.alpha": 32, "train.lr": 2e-4},
     "full": {"train.lr": 2e-5, "train.weight_decay": 0.01},
     "freeze": {"train.lr": 1e-4},
+    "ia3": {"train.lr": 1e-3},
+    "oft": {"train.lr": 1e-4},
+    "boft": {"train.lr": 1e-4, "method.block_size": 8},
 }
+LORA = {"lora"}
 # Keys that only mean something for some methods.
-ONLY_FOR = {"method.r": "lora", "method.alpha": "lora", "method.dropout": "lora", "method.target_modules": "lora",
-            "method.trainable_layers": "freeze", "method.trainable_modules": "freeze"}
+ONLY_FOR = {"method.r": LORA, "method.alpha": LORA, "method.dropout": {"lora", "oft", "boft"},
+            "method.target_modules": {"lora", "ia3", "oft", "boft"}, "method.use_dora": LORA,
+            "method.use_rslora": LORA, "method.init": LORA, "method.lora_plus_ratio": LORA,
+            "method.modules_to_save": LORA, "method.block_size": {"oft", "boft"},
+            "method.trainable_layers": {"freeze"}, "method.trainable_modules": {"freeze"},
+            "method.trainable_regex": {"freeze"}}
 
 
 def _scalar(value: Any) -> str:
@@ -46,7 +54,7 @@ def init_config(model: str, method: str, train_file: str, output_dir: str = "run
              "# wrong when it is too high or too low)."]
     section = None
     for path, value in values.items():
-        if ONLY_FOR.get(path, method) != method:
+        if method not in ONLY_FOR.get(path, {method}):
             continue
         head, key = path.split(".", 1)
         if head != section:

@@ -69,7 +69,8 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
                 micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq, device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 lora_r=cfg.method.r, lora_targets=cfg.method.target_modules,
-                trainable_layers=cfg.method.trainable_layers, bf16_frozen_weights=cfg.train.bf16_frozen_weights,
+                trainable_layers=cfg.method.trainable_layers, block_size=cfg.method.block_size,
+                bf16_frozen_weights=cfg.train.bf16_frozen_weights,
                 labelled_share=share)
 
 

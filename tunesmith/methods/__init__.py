@@ -4,9 +4,12 @@ from tunesmith.config import MethodConfig
 from tunesmith.methods.base import Method, describe_counts, parameter_counts
 from tunesmith.methods.freeze import FreezeMethod
 from tunesmith.methods.full import FullMethod
+from tunesmith.methods.ia3 import Ia3Method
 from tunesmith.methods.lora import LoraMethod
+from tunesmith.methods.oft import BoftMethod, OftMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, FreezeMethod, LoraMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, FreezeMethod, LoraMethod, Ia3Method, OftMethod,
+                                                        BoftMethod)}
 
 
 def get_method(cfg: MethodConfig) -> Method:

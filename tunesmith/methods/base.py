@@ -29,6 +29,10 @@ class Method(ABC):
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
+    def lr_multiplier(self, name: str) -> float:
+        """How much faster than train.lr the parameter `name` learns (LoRA+ raises it for B)."""
+        return 1.0
+
     @abstractmethod
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Write what training changed (safetensors) so `load` can rebuild the trained model."""

@@ -1,7 +1,9 @@
-"""Freeze tuning: train only the last N decoder layers and/or named modules; save only those tensors."""
+"""Freeze tuning: train only the last N decoder layers, named modules and/or parameters matching a regular
+expression; save only those tensors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch.nn as nn
@@ -45,8 +47,17 @@ class FreezeMethod(Method):
                     unmatched.discard(wanted)
         if unmatched:
             raise ConfigError(f"method.trainable_modules: no parameter name contains {sorted(unmatched)}")
+        if self.cfg.trainable_regex:
+            pattern = re.compile(self.cfg.trainable_regex)
+            matched = [p for pname, p in model.named_parameters() if pattern.search(pname)]
+            if not matched:
+                raise ConfigError(f"method.trainable_regex: no parameter name matches {self.cfg.trainable_regex!r} "
+                                  f"(names look like {next(iter(dict(model.named_parameters())))!r})")
+            for param in matched:
+                param.requires_grad_(True)
         if not any(p.requires_grad for p in model.parameters()):
-            raise ConfigError("method freeze: nothing to train; set method.trainable_layers or trainable_modules")
+            raise ConfigError("method freeze: nothing to train; set method.trainable_layers, trainable_modules or "
+                              "trainable_regex")
         return model
 
     def save(self, model: nn.Module, out_dir: Path) -> None:

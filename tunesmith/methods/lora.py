@@ -1,48 +1,30 @@
-"""LoRA through peft: low-rank updates beside frozen weights; saved as a standard PEFT adapter."""
+"""LoRA through peft: low-rank updates beside frozen weights; saved as a standard PEFT adapter.
+
+Options: DoRA (a learned magnitude per output, `use_dora`), rank-stabilised scaling alpha/sqrt(r)
+(`use_rslora`), the initialisation, LoRA+ (the B matrices learn `lora_plus_ratio` times faster), and
+modules trained fully beside the adapters (`modules_to_save`, e.g. the LM head for new tokens)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch.nn as nn
 
-from tunesmith.errors import ConfigError
-from tunesmith.methods.base import LoadBase, Method
+from tunesmith.methods.peft_adapter import PeftAdapterMethod, default_targets
+
+INIT = {"default": True, "gaussian": "gaussian"}
 
 
-class LoraMethod(Method):
+class LoraMethod(PeftAdapterMethod):
     name = "lora"
-    saves_base_weights = False
 
-    def build(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
+    def peft_config(self, model: nn.Module):
+        from peft import LoraConfig
 
-        config = LoraConfig(
-            r=self.cfg.r,
-            lora_alpha=self.cfg.alpha,
-            lora_dropout=self.cfg.dropout,
-            target_modules=self.cfg.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, config)
+        cfg = self.cfg
+        return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=default_targets(cfg.target_modules), use_dora=cfg.use_dora,
+                          use_rslora=cfg.use_rslora, init_lora_weights=INIT[cfg.init],
+                          modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
-        model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
-
-    def restore(self, model: nn.Module, saved_dir: Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        weights = load_file(str(saved_dir / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
-        result = set_peft_model_state_dict(model, weights)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing:
-            raise ConfigError(f"{saved_dir}: the adapter does not fit this model (missing {missing[:3]})")
-
-    def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_base(), saved_dir)
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()
+    def lr_multiplier(self, name: str) -> float:
+        # LoRA+: B starts at zero and carries the update's output side; a higher rate for it learns faster.
+        return self.cfg.lora_plus_ratio if self.cfg.lora_plus_ratio and "lora_B" in name else 1.0

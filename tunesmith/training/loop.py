@@ -219,7 +219,7 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     log(f"method {method.name}: {describe_counts(model)}")
 
     steps = total_steps(cfg, len(data.train))
-    optimizer = build_optimizer(params, tc)
+    optimizer = build_optimizer(params, tc, method.lr_multiplier)
     scheduler = build_scheduler(optimizer, steps, tc)
     rows_per_step = tc.micro_batch_size * tc.grad_accum_steps
     stream = RowStream(len(data.train), tc.seed, lengths=data.train_lengths if tc.group_by_length else None,

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from tunesmith.config import TrainConfig
 
 
-def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Weight decay shrinks matrices toward zero; on norms and biases it only hurts, so they are exempt."""
-    decay, no_decay = [], []
+def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float,
+                 lr_multiplier: Callable[[str], float] = lambda _: 1.0) -> list[dict]:
+    """Weight decay shrinks matrices toward zero; on norms and biases it only hurts, so they are exempt.
+    A method may give some parameters a higher learning rate (LoRA+): they get groups of their own, after
+    the two plain ones (which are always there, so checkpoints keep one layout)."""
+    groups: dict[tuple[float, bool], list] = {(1.0, False): [], (1.0, True): []}
     for name, p in named_params:
         exempt = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((lr_multiplier(name), exempt), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if exempt else weight_decay, "lr": lr * scale}
+            for (scale, exempt), ps in groups.items()]
 
 
-def build_optimizer(named_params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas,
-                             eps=cfg.adam_eps)
+def build_optimizer(named_params, cfg: TrainConfig, lr_multiplier: Callable[[str], float] = lambda _: 1.0
+                    ) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay, cfg.lr, lr_multiplier), lr=cfg.lr,
+                             betas=cfg.adam_betas, eps=cfg.adam_eps)
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:

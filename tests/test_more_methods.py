@@ -1,0 +1,138 @@
+"""LoRA's options (DoRA, rsLoRA, init, LoRA+, modules to save), IA3, OFT, BOFT and freeze by regex, on the
+tiny model: only the intended parameters train (a count from the layer shapes), loss falls, save → load
+gives the same outputs, merged = unmerged, and a run directory applies its method when loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from test_methods_and_export import IDS, logits, perturb
+from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.errors import ConfigError
+from tunesmith.methods import get_method, parameter_counts
+
+# The tiny model's linear layers per decoder layer as (in, out); 2 layers, vocabulary 300, hidden 32.
+SHAPES = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+          "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}
+LAYERS = 2
+
+
+def lora_count(r: int, dora: bool = False) -> int:
+    return LAYERS * sum(r * (i + o) + (o if dora else 0) for i, o in SHAPES.values())
+
+
+def oft_count(block: int) -> int:  # per module: in/block blocks, each a skew-symmetric block (upper triangle)
+    return LAYERS * sum(i // block * block * (block - 1) // 2 for i, _ in SHAPES.values())
+
+
+def boft_count(block: int) -> int:  # per module: in/block full blocks, plus a scale per output
+    return LAYERS * sum(i // block * block * block + o for i, o in SHAPES.values())
+
+
+CASES = [
+    (MethodConfig(name="lora", r=2, alpha=4, use_dora=True), lora_count(2, dora=True), "lora_"),
+    (MethodConfig(name="lora", r=4, alpha=4, use_rslora=True, init="gaussian"), lora_count(4), "lora_"),
+    (MethodConfig(name="lora", r=2, alpha=4, modules_to_save=["lm_head"]), lora_count(2) + 300 * 32, ""),
+    (MethodConfig(name="ia3"), LAYERS * (16 + 16 + 64), "ia3_"),  # keys' and values' outputs, down_proj's input
+    (MethodConfig(name="oft", block_size=8), oft_count(8), "oft_"),
+    (MethodConfig(name="boft", block_size=4), boft_count(4), "boft_"),
+    (MethodConfig(name="freeze", trainable_layers=0, trainable_regex=r"self_attn\.(q|v)_proj"),
+     LAYERS * (32 * 32 + 32 * 16), "_proj"),
+]
+
+
+def train_steps(model, method, steps: int = 8, lr: float = 1e-2) -> list[float]:
+    from tunesmith.training.loss import token_loss_sum
+    from tunesmith.training.optim import build_optimizer
+
+    optimizer = build_optimizer(method.trainable_parameters(model), TrainConfig(lr=lr, weight_decay=0.0),
+                                method.lr_multiplier)
+    batch = {"input_ids": IDS, "labels": IDS.clone(), "attention_mask": torch.ones_like(IDS)}
+    model.train()
+    losses = []
+    for _ in range(steps):
+        summed, n = token_loss_sum(model, batch)
+        (summed / n).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(summed.detach()) / n)
+    return losses
+
+
+@pytest.mark.parametrize("cfg,expected,marker", CASES, ids=lambda x: getattr(x, "name", None) or "")
+def test_only_the_intended_parameters_train_and_loss_falls(cfg, expected, marker):
+    method = get_method(cfg)
+    model = method.build(build_tiny_model(300))
+    trainable, total = parameter_counts(model)
+    assert trainable == expected and trainable < total
+    assert all(marker in name for name, _ in method.trainable_parameters(model))
+    losses = train_steps(model, method, lr=5e-2 if cfg.name == "ia3" else 1e-2)  # IA3's few vectors want more
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
+
+
+@pytest.mark.parametrize("cfg,expected,marker", CASES, ids=lambda x: getattr(x, "name", None) or "")
+def test_save_load_and_merge_give_the_same_outputs(tmp_path, cfg, expected, marker):
+    method = get_method(cfg)
+    model = method.build(build_tiny_model(300))
+    perturb(model)  # as if trained: every method's update is no longer the identity
+    want = logits(model, IDS)
+    assert not torch.allclose(want, logits(build_tiny_model(300), IDS), atol=1e-3)  # the method changed outputs
+
+    method.save(model, tmp_path / "saved")
+    reloaded = method.load(lambda: build_tiny_model(300), tmp_path / "saved")
+    torch.testing.assert_close(logits(reloaded, IDS), want)
+    merged = method.merge(reloaded)
+    assert not hasattr(merged, "peft_config")
+    torch.testing.assert_close(logits(merged, IDS), want, rtol=1e-4, atol=1e-4)
+
+    fresh = method.build(build_tiny_model(300))  # resume: a freshly built model takes the saved weights back
+    method.restore(fresh, tmp_path / "saved")
+    torch.testing.assert_close(logits(fresh, IDS), want)
+
+
+def test_lora_plus_gives_the_b_matrices_a_higher_learning_rate():
+    from tunesmith.training.optim import build_optimizer
+
+    method = get_method(MethodConfig(name="lora", r=2, lora_plus_ratio=16))
+    model = method.build(build_tiny_model(300))
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(method.trainable_parameters(model), TrainConfig(lr=1e-3), method.lr_multiplier)
+    for group in optimizer.param_groups:
+        kinds = {"lora_B" in names[id(p)] for p in group["params"]}
+        assert len(kinds) <= 1  # A and B never share a group
+        if kinds == {True}:
+            assert group["lr"] == pytest.approx(16e-3)
+        elif kinds == {False}:
+            assert group["lr"] == pytest.approx(1e-3)
+    assert any(g["lr"] == pytest.approx(16e-3) and g["params"] for g in optimizer.param_groups)
+
+
+def test_bad_settings_are_clear_config_errors():
+    with pytest.raises(ConfigError, match=r"block_size 5 does not divide .*q_proj \(32\).*fit: 4, 8, 16, 32"):
+        get_method(MethodConfig(name="oft", block_size=5)).build(build_tiny_model(300))
+    with pytest.raises(ConfigError, match="trainable_regex: no parameter name matches"):
+        get_method(MethodConfig(name="freeze", trainable_layers=0, trainable_regex="nothing_here")).build(
+            build_tiny_model(300))
+    from tunesmith.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="method.trainable_regex: not a valid regular expression"):
+        config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "freeze", "trainable_regex": "(("}})
+
+
+@pytest.mark.parametrize("name", ["ia3", "oft", "boft"])
+def test_a_run_directory_applies_its_method_when_loaded(make_config, name, tmp_path):
+    from tunesmith.export import export_run
+    from tunesmith.run_dir import load_for_inference
+    from tunesmith.training.loop import train
+
+    cfg = make_config(method={"name": name, "block_size": 8}, train={"max_steps": 2, "lr": 1e-2})
+    run = train(cfg, log=lambda *_: None)
+    loaded = load_for_inference(str(run))  # told nothing about the method
+    assert loaded.method.name == name
+    assert loaded.model.peft_config["default"].peft_type.value.lower() == name
+    export_run(run, "adapter", tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    export_run(run, "merged", tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").exists()
