@@ -136,3 +136,84 @@ def test_a_run_directory_applies_its_method_when_loaded(make_config, name, tmp_p
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     export_run(run, "merged", tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- QLoRA
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory):
+    """A tiny model whose layers are 64 wide: bitsandbytes quantizes in blocks of 64 inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny64")
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+                                         initializer_range=0.1))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_quantized(path, method):
+    from tunesmith.models import ModelSource, load_causal_lm
+
+    return lambda quantized=True: load_causal_lm(ModelSource(str(path)),
+                                                 **(method.load_kwargs(torch.device("cpu")) if quantized else {}))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_lora_on_a_quantized_base_and_merges_into_full_precision(tiny64_dir, tmp_path, bits):
+    import bitsandbytes as bnb
+
+    method = get_method(MethodConfig(name="qlora", r=4, alpha=8, bits=bits, compute_dtype="fp32"))
+    load_base = load_quantized(tiny64_dir, method)
+    model = method.build(load_base())
+    quantized = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, quantized)
+    # (in, out) of the 64-wide model's linears, times r, over 2 layers: only the adapters train
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert parameter_counts(model)[0] == 2 * sum(4 * (i + o) for i, o in shapes)
+    assert all("lora_" in n for n, _ in method.trainable_parameters(model))
+    losses = train_steps(model, method, steps=6, lr=2e-2)
+    assert losses[-1] < 0.9 * losses[0], losses
+
+    want = logits(model, IDS)
+    method.save(model, tmp_path / "saved")
+    reloaded = method.load(load_base, tmp_path / "saved")
+    torch.testing.assert_close(logits(reloaded, IDS), want)
+    with pytest.warns(UserWarning, match="quantization gap"):
+        merged = method.merge(reloaded)
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # de-quantized, full precision
+    gap = (logits(merged, IDS) - want).abs().max()
+    assert 0 < gap < 0.5 * want.abs().max()  # close to the trained model, but not equal: the quantization gap
+
+
+def test_qlora_run_applies_its_quantized_base_when_loaded(make_config, tiny64_dir):
+    from tunesmith.run_dir import load_for_inference
+    from tunesmith.training.loop import train
+
+    cfg = make_config(model={"name_or_path": str(tiny64_dir)}, method={"name": "qlora", "r": 4},
+                      train={"max_steps": 2, "lr": 1e-2})
+    run = train(cfg, log=lambda *_: None)
+    loaded = load_for_inference(str(run))
+    assert loaded.method.name == "qlora"
+    assert loaded.model.get_base_model().is_quantized
+
+
+def test_qlora_without_bitsandbytes_fails_at_config_validation(monkeypatch):
+    import importlib.util
+
+    from tunesmith.config import config_from_dict
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match="method qlora needs bitsandbytes"):
+        config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "qlora"}})

@@ -153,7 +153,7 @@ def test_memory_verdict_follows_the_model_and_batch(make_config, monkeypatch):
     short = Machine("cpu", "CPU (test)", "fp32", need * 0.5, bf16_native=False, compiler=True)
     finding = by_topic(findings_for(cfg, short), "memory")[0]
     assert finding.severity == "error" and "does not fit" in finding.message and "--ignore-checks" in finding.suggestion
-    assert "train.micro_batch_size: " in finding.suggestion and "QLoRA" not in finding.suggestion
+    assert "train.micro_batch_size: " in finding.suggestion
     cfg.train.auto_micro_batch = True  # it would shrink the micro-batch by itself: a warning, not an error
     assert by_topic(findings_for(cfg, short), "memory")[0].severity == "warning"
 

@@ -70,7 +70,7 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora", "ia3", "oft", "boft"] = "lora"
+    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft"] = "lora"
     # LoRA
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
@@ -82,6 +82,11 @@ class MethodConfig(Section):
     init: Literal["default", "gaussian"] = "default"
     lora_plus_ratio: float | None = Field(None, gt=0)
     modules_to_save: list[str] = Field(default_factory=list)
+    # QLoRA: the quantized base
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"
     # OFT / BOFT
     block_size: int = Field(32, ge=1)
     # freeze: train the last N decoder layers, modules whose name contains one of these strings, and/or
@@ -89,6 +94,15 @@ class MethodConfig(Section):
     trainable_layers: int = Field(2, ge=0)
     trainable_modules: list[str] = Field(default_factory=list)
     trainable_regex: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_bitsandbytes(self) -> "MethodConfig":
+        import importlib.util
+
+        if self.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("method qlora needs bitsandbytes, which is not installed: "
+                             "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
+        return self
 
     @field_validator("trainable_regex")
     @classmethod
@@ -114,6 +128,11 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = "adamw"
+    """adamw; adamw_8bit / paged_adamw_8bit (bitsandbytes: states in 8 bits); adafactor (factored second
+    moments, little state); sgd (with momentum)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD only."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -139,6 +158,15 @@ class TrainConfig(Section):
     """On out-of-memory, halve the micro-batch (same rows per step, so the same training) and retry."""
     log_interval: int = Field(1, ge=1)
     """Console refresh interval in steps; metrics.jsonl gets every step regardless."""
+
+    @model_validator(mode="after")
+    def _optimizer_needs(self) -> "TrainConfig":
+        import importlib.util
+
+        if self.optimizer.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"optimizer {self.optimizer} needs bitsandbytes, which is not installed: "
+                             "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
+        return self
 
     @field_validator("adam_betas")
     @classmethod

@@ -45,7 +45,7 @@ PACKAGES = (
     Package("accelerate", "1.0", "1.15.0", "loading large models"),
     Package("safetensors", "0.4", "0.8.0", "reading and writing weights"),
     Package("gguf", "0.10", "0.19.0", "loading .gguf models (the default model ships as one)"),
-    Package("bitsandbytes", "0.49", "0.50.2", "QLoRA and 8-bit optimizers (planned methods)", required=False),
+    Package("bitsandbytes", "0.49", "0.50.2", "method qlora (a 4-bit or 8-bit base)", required=False),
     Package("datasets", "3.0", "5.2.0", "benchmarks/speed_vs_hf.py's reference recipe", required=False),
 )
 

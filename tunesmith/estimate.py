@@ -167,6 +167,8 @@ class Plan:
     """Bytes available (GPU memory, or RAM on CPU); None: no verdict."""
     gradient_checkpointing: bool = False
     lora_r: int = 8
+    bits: int = 4
+    """QLoRA: bits per base weight (4 or 8)."""
     lora_targets: str | list[str] = "all-linear"
     trainable_layers: int = 2
     block_size: int = 32
@@ -295,7 +297,7 @@ def activation_bytes(plan: Plan, checkpointing: bool) -> float:
 
 def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) -> MemoryEstimate:
     """The memory a plan needs; with `suggest`, when it does not fit, the changes that would make it fit
-    (`offer_qlora`: include switching to a 4-bit base, which tunesmith's config cannot express yet)."""
+    (`offer_qlora`: include switching to a 4-bit base, which needs bitsandbytes)."""
     s = plan.shape
     trainable = trainable_params(plan)
     half = plan.precision == "bf16"
@@ -303,8 +305,9 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
 
     # weights: what the base model occupies while training
     if plan.method == "qlora":
-        base = s.linear * QLORA_BITS / 8 + (s.embedding + s.head) * 2
-        note = "linear layers in 4-bit NF4, embeddings in bf16"
+        bits = QLORA_BITS if plan.bits == 4 else 8 + 32 / 4096  # 8-bit: one fp32 scale per row of 4,096
+        base = s.linear * bits / 8 + (s.embedding + s.head) * 4
+        note = f"linear layers in {plan.bits}-bit, embeddings in fp32"
     elif plan.adapter and half and plan.bf16_frozen_weights:
         base = s.linear * 2 + s.head * 2 + (s.params - s.linear - s.head) * 4
         note = "frozen linear layers in bf16, embeddings and norms in fp32"
@@ -390,7 +393,7 @@ def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
     if plan.method in ("full", "freeze") and fits(replace(plan, method="lora")):
         out.append("method.name: lora (trains ~1 % of the weights, usually close in quality)")
     if offer_qlora and plan.method != "qlora" and fits(replace(plan, method="qlora", precision="bf16")):
-        out.append("QLoRA: a 4-bit base with LoRA on top (not in tunesmith yet; planned)")
+        out.append("method.name: qlora (LoRA over a 4-bit base: a quarter of the weight memory)")
     if out:
         return out
     # Nothing alone is enough: add changes one by one, cheapest first, and say exactly which ones fit.

@@ -19,14 +19,17 @@ METHOD_STARTS: dict[str, dict[str, Any]] = {
     "lora": {"method.r": 16, "method.alpha": 32, "train.lr": 2e-4},
     "full": {"train.lr": 2e-5, "train.weight_decay": 0.01},
     "freeze": {"train.lr": 1e-4},
+    "qlora": {"method.r": 16, "method.alpha": 32, "train.lr": 2e-4},
     "ia3": {"train.lr": 1e-3},
     "oft": {"train.lr": 1e-4},
     "boft": {"train.lr": 1e-4, "method.block_size": 8},
 }
-LORA = {"lora"}
+LORA = {"lora", "qlora"}
+QLORA = {"qlora"}
 # Keys that only mean something for some methods.
-ONLY_FOR = {"method.r": LORA, "method.alpha": LORA, "method.dropout": {"lora", "oft", "boft"},
-            "method.target_modules": {"lora", "ia3", "oft", "boft"}, "method.use_dora": LORA,
+ONLY_FOR = {"method.r": LORA, "method.alpha": LORA, "method.dropout": {"lora", "qlora", "oft", "boft"},
+            "method.target_modules": {"lora", "qlora", "ia3", "oft", "boft"}, "method.bits": QLORA,
+            "method.quant_type": QLORA, "method.double_quant": QLORA, "method.compute_dtype": QLORA, "method.use_dora": LORA,
             "method.use_rslora": LORA, "method.init": LORA, "method.lora_plus_ratio": LORA,
             "method.modules_to_save": LORA, "method.block_size": {"oft", "boft"},
             "method.trainable_layers": {"freeze"}, "method.trainable_modules": {"freeze"},

@@ -132,12 +132,13 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False, revisio
 
 
 def load_causal_lm(source: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                   revision: str | None = None):
+                   revision: str | None = None, **extra):
+    """The model in `dtype`; `extra` goes to from_pretrained (a quantization config, a device map)."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     revision=revision, **source.kwargs())
+                                                     revision=revision, **source.kwargs(), **extra)
     except Exception as exc:  # noqa: BLE001
         raise _load_error("model", source, exc) from None
     if source.gguf_file:

@@ -68,7 +68,7 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
     return Plan(shape, method=cfg.method.name, precision="bf16" if machine.precision == "bf16" else "fp32",
                 micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq, device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                lora_r=cfg.method.r, lora_targets=cfg.method.target_modules,
+                lora_r=cfg.method.r, bits=cfg.method.bits, lora_targets=cfg.method.target_modules,
                 trainable_layers=cfg.method.trainable_layers, block_size=cfg.method.block_size,
                 bf16_frozen_weights=cfg.train.bf16_frozen_weights,
                 labelled_share=share)
@@ -283,7 +283,9 @@ def device_support(cfg: Config, machine: Machine) -> list[Finding]:
 
 
 def memory(cfg: Config, plan: Plan) -> list[Finding]:
-    est = estimate_memory(plan, offer_qlora=False)  # suggestions limited to what the config can say
+    import importlib.util
+
+    est = estimate_memory(plan, offer_qlora=importlib.util.find_spec("bitsandbytes") is not None)
     out = []
     if plan.method == "freeze" and cfg.method.trainable_modules:
         out.append(Finding("info", "memory", "the estimate counts the trained layers, not method.trainable_modules"))

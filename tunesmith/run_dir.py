@@ -24,6 +24,7 @@ import torch
 
 from tunesmith.config import Config, config_from_dict
 from tunesmith.errors import TunesmithError
+from tunesmith.device import pick_device
 from tunesmith.methods import Method, get_method
 from tunesmith.models import ModelSource, load_causal_lm, load_tokenizer, resolve
 
@@ -103,7 +104,13 @@ def load_for_inference(run_or_model: str | Path, checkpoint: str | None = None) 
                              f"{', '.join(p.name for p in sorted((path / 'checkpoints').glob('step-*'))) or 'none'})")
     source = resolve(cfg.model.name_or_path, cfg.model.gguf_file)
     method = get_method(cfg.method)
-    model = method.load(lambda: load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code), weights)
+    device = pick_device("auto") if method.quantized else torch.device("cpu")
+
+    def load_base(quantized: bool = True):
+        extra = method.load_kwargs(device) if quantized else {}
+        return load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, **extra)
+
+    model = method.load(load_base, weights)
     model.eval()
     tokenizer = load_tokenizer(ModelSource(str(path / "tokenizer")))
     return Loaded(model, tokenizer, method, cfg, path)

@@ -7,9 +7,10 @@ from tunesmith.methods.full import FullMethod
 from tunesmith.methods.ia3 import Ia3Method
 from tunesmith.methods.lora import LoraMethod
 from tunesmith.methods.oft import BoftMethod, OftMethod
+from tunesmith.methods.qlora import QloraMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, FreezeMethod, LoraMethod, Ia3Method, OftMethod,
-                                                        BoftMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, FreezeMethod, LoraMethod, QloraMethod, Ia3Method,
+                                                        OftMethod, BoftMethod)}
 
 
 def get_method(cfg: MethodConfig) -> Method:

@@ -11,13 +11,16 @@ import torch.nn as nn
 
 from tunesmith.config import MethodConfig
 
-LoadBase = Callable[[], nn.Module]
+LoadBase = Callable[..., nn.Module]
+"""Loads the base model; QLoRA's merge calls it with quantized=False for the full-precision weights."""
 
 
 class Method(ABC):
     name: str
     saves_base_weights: bool = True
     """False for adapter methods: the frozen base is never written, so it may be held in lower precision."""
+    quantized: bool = False
+    """True when the base is loaded quantized (load_kwargs says how); it is then placed while loading."""
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -28,6 +31,10 @@ class Method(ABC):
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def load_kwargs(self, device) -> dict:
+        """Extra arguments for loading the base model (a quantization config, for QLoRA)."""
+        return {}
 
     def lr_multiplier(self, name: str) -> float:
         """How much faster than train.lr the parameter `name` learns (LoRA+ raises it for B)."""

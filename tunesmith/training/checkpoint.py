@@ -130,22 +130,46 @@ def find_checkpoint(run_dir: Path, name: str | None = None) -> Path:
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors to safetensors, everything else to JSON; a nested slot (bitsandbytes keeps its quantized
+    state in one dict per parameter) is flattened as idx.slot.key."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
+    seen: set[int] = set()
+
+    def put(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous().cpu()
+            ptr = value.untyped_storage().data_ptr()
+            tensors[prefix] = value.clone() if ptr in seen else value  # bitsandbytes shares its code books
+            seen.add(ptr)
+        elif isinstance(value, dict):
+            scalars[prefix] = {"__nested__": sorted(value)}
+            for key, inner in value.items():
+                put(f"{prefix}.{key}", inner)
+        else:
+            scalars[prefix] = value
+
     for idx, slots in sd["state"].items():
         for key, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{idx}.{key}"] = value
+            put(f"{idx}.{key}", value)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {**tensors, **meta["scalars"]}
+    nested = {key for key, value in flat.items() if isinstance(value, dict) and "__nested__" in value}
+
+    def get(prefix: str) -> Any:
+        if prefix in nested:
+            return {key: get(f"{prefix}.{key}") for key in flat[prefix]["__nested__"]}
+        return flat[prefix]
+
     state: dict[int, dict[str, Any]] = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, key = flat.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
+    for prefix in flat:
+        if prefix.rsplit(".", 1)[0] in nested:
+            continue  # read with its slot
+        idx, key = prefix.split(".", 1)
+        state.setdefault(int(idx), {})[key] = get(prefix)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -255,6 +279,7 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
         "method": cfg.method.model_dump(mode="json"),
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.optimizer": cfg.train.optimizer,
         "train.seed": cfg.train.seed,
         "train.group_by_length": cfg.train.group_by_length,
         "data.seed": cfg.data.seed,
@@ -266,6 +291,7 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], force: bool) -> list[str]:
     """The fields that changed; an error unless `force`, in which case they are returned as warnings."""
+    saved = {"train.optimizer": "adamw", **saved}  # checkpoints from before the optimizer was a choice
     changed = [f"{key}: was {saved.get(key)!r}, now {current.get(key)!r}"
                for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if changed and not force:

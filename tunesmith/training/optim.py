@@ -1,4 +1,4 @@
-"""AdamW with decay only on weight matrices, and the learning-rate schedule."""
+"""The optimizer (AdamW by default) with decay only on weight matrices, and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -25,8 +25,23 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_deca
 
 def build_optimizer(named_params, cfg: TrainConfig, lr_multiplier: Callable[[str], float] = lambda _: 1.0
                     ) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(named_params, cfg.weight_decay, cfg.lr, lr_multiplier), lr=cfg.lr,
-                             betas=cfg.adam_betas, eps=cfg.adam_eps)
+    """train.optimizer over the parameter groups; each a well-kept implementation, not ours."""
+    groups = param_groups(named_params, cfg.weight_decay, cfg.lr, lr_multiplier)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+        return cls(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # train.lr and the schedule drive it, as for the others (not Adafactor's own relative step size).
+        return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.optimizer}")
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
