@@ -105,10 +105,12 @@ def test_shape_and_trainable_counts_match_the_real_model(tiny_model_dir):
     assert shape.params == parameter_counts(base)[1]
     assert (shape.layers, shape.hidden, shape.vocab, shape.tied) == (2, 32, base.config.vocab_size, False)
     for method, extra in (("lora", {"r": 4}), ("freeze", {"trainable_layers": 1}), ("full", {}), ("ia3", {}),
-                          ("oft", {"block_size": 8}), ("boft", {"block_size": 4})):
+                          ("oft", {"block_size": 8}), ("boft", {"block_size": 4}),
+                          ("adapter", {"adapter_layers": 1, "adapter_len": 4})):
         model = get_method(MethodConfig(name=method, **extra)).build(load_causal_lm(ModelSource(str(tiny_model_dir))))
         plan = Plan(shape, method=method, lora_r=extra.get("r", 8), trainable_layers=extra.get("trainable_layers", 2),
-                    block_size=extra.get("block_size", 32))
+                    block_size=extra.get("block_size", 32), adapter_layers=extra.get("adapter_layers", 8),
+                    adapter_len=extra.get("adapter_len", 10))
         assert trainable_params(plan) == parameter_counts(model)[0], method
 
 

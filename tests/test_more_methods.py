@@ -121,21 +121,27 @@ def test_bad_settings_are_clear_config_errors():
         config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "freeze", "trainable_regex": "(("}})
 
 
-@pytest.mark.parametrize("name", ["ia3", "oft", "boft"])
+@pytest.mark.parametrize("name", ["ia3", "oft", "boft", "adapter"])
 def test_a_run_directory_applies_its_method_when_loaded(make_config, name, tmp_path):
     from tunesmith.export import export_run
     from tunesmith.run_dir import load_for_inference
     from tunesmith.training.loop import train
 
-    cfg = make_config(method={"name": name, "block_size": 8}, train={"max_steps": 2, "lr": 1e-2})
+    cfg = make_config(method={"name": name, "block_size": 8, "adapter_layers": 1}, train={"max_steps": 2, "lr": 1e-2})
     run = train(cfg, log=lambda *_: None)
     loaded = load_for_inference(str(run))  # told nothing about the method
     assert loaded.method.name == name
-    assert loaded.model.peft_config["default"].peft_type.value.lower() == name
+    peft_type = {"adapter": "adaption_prompt"}.get(name, name)
+    assert loaded.model.peft_config["default"].peft_type.value.lower() == peft_type
     export_run(run, "adapter", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    export_run(run, "merged", tmp_path / "merged")
-    assert (tmp_path / "merged" / "config.json").exists()
+    if name == "adapter":  # prompts have no place in the weights
+        with pytest.raises(ConfigError, match="cannot be merged"):
+            export_run(run, "merged", tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
+    else:
+        export_run(run, "merged", tmp_path / "merged")
+        assert (tmp_path / "merged" / "config.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------- QLoRA
@@ -214,6 +220,51 @@ def test_qlora_without_bitsandbytes_fails_at_config_validation(monkeypatch):
     from tunesmith.config import config_from_dict
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match="method qlora needs bitsandbytes"):
         config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "qlora"}})
+
+
+# ------------------------------------------------------------------------------------- LLaMA-Adapter
+
+
+def test_llama_adapter_trains_gated_prompts_in_the_top_layers(tmp_path):
+    method = get_method(MethodConfig(name="adapter", adapter_layers=1, adapter_len=4))
+    model = method.build(build_tiny_model(300))
+    names = [n for n, _ in method.trainable_parameters(model)]
+    assert parameter_counts(model)[0] == 1 * (4 * 32 + 1)  # prompts (len × hidden) and a gate, top layer only
+    assert names and all("layers.1.self_attn.adaption_" in n for n in names)
+    torch.testing.assert_close(logits(model, IDS), logits(build_tiny_model(300), IDS))  # the gate starts closed
+    losses = train_steps(model, method, steps=20, lr=1e-1)  # the gate opens slowly: more steps than the others
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
+
+    want = logits(model, IDS)
+    method.save(model, tmp_path / "saved")
+    torch.testing.assert_close(logits(method.load(lambda: build_tiny_model(300), tmp_path / "saved"), IDS), want)
+    fresh = method.build(build_tiny_model(300))
+    method.restore(fresh, tmp_path / "saved")
+    torch.testing.assert_close(logits(fresh, IDS), want)
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        method.merge(model)
+
+
+def test_llama_adapter_on_an_unsupported_family_fails_before_training(make_config, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import build_tiny_tokenizer
+    from tunesmith.errors import TunesmithError
+    from tunesmith.training.loop import train
+
+    path = tmp_path / "qwen"
+    tokenizer = build_tiny_tokenizer()
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cfg = make_config(model={"name_or_path": str(path)}, method={"name": "adapter", "adapter_layers": 1},
+                      output={"dir": str(tmp_path / "run")})
+    lines: list[str] = []
+    with pytest.raises(TunesmithError, match="pre-flight checks found 1 error"):
+        train(cfg, log=lines.append)
+    assert any("supports the llama, mistral, gpt2 model families; this model is 'qwen2'" in line for line in lines)
+    assert not (tmp_path / "run").exists()

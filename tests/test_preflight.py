@@ -75,7 +75,8 @@ def test_epochs_and_validation_and_overlap(make_config, tmp_path):
     assert "6.0 passes over" in by_topic(findings, "epochs")[0].message
     assert "only 10 validation rows" in by_topic(findings, "validation")[0].message
     overlap = by_topic(findings, "test overlap")[0]
-    assert overlap.severity == "warning" and overlap.message.startswith("5 training rows") and "dedup" in overlap.suggestion
+    assert overlap.severity == "warning" and overlap.message.startswith("5 training rows")
+    assert "dedup" in overlap.suggestion
 
     cfg = make_config(rows, data={"val_size": 0, "test_size": 0}, train={"max_steps": None, "epochs": 2},
                       eval={"interval": 10})

@@ -70,7 +70,7 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft"] = "lora"
+    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter"] = "lora"
     # LoRA
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
@@ -89,6 +89,9 @@ class MethodConfig(Section):
     compute_dtype: Literal["bf16", "fp32"] = "bf16"
     # OFT / BOFT
     block_size: int = Field(32, ge=1)
+    # adapter (LLaMA-Adapter): prompt vectors in the top layers
+    adapter_layers: int = Field(8, ge=1)
+    adapter_len: int = Field(10, ge=1)
     # freeze: train the last N decoder layers, modules whose name contains one of these strings, and/or
     # parameters whose name matches a regular expression
     trainable_layers: int = Field(2, ge=0)

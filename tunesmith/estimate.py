@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GiB = 2**30
-Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft"]
-ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft")  # a frozen base with small trained add-ons
+Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter"]
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter")  # a frozen base with small trained add-ons
 Precision = Literal["fp32", "bf16"]
 
 # Bytes autograd keeps per token and decoder layer: coefficients of (hidden, intermediate, query width,
@@ -63,6 +63,8 @@ class ModelShape:
     vocab: int
     tied: bool
     context: int | None = None
+    family: str | None = None
+    """config.model_type, e.g. llama."""
     assumed: str | None = None
     """Set when the shape was guessed from a parameter count: which reference it follows."""
 
@@ -148,7 +150,7 @@ def shape_from_model(name_or_path: str, gguf_file: str | None = None, trust_remo
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or hidden // heads, vocab=text.vocab_size,
         tied=bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))),
-        context=getattr(text, "max_position_embeddings", None))
+        context=getattr(text, "max_position_embeddings", None), family=getattr(text, "model_type", None))
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,9 @@ class Plan:
     trainable_layers: int = 2
     block_size: int = 32
     """OFT/BOFT block size."""
+    adapter_layers: int = 8
+    adapter_len: int = 10
+    """LLaMA-Adapter: prompts of adapter_len vectors in the top adapter_layers layers."""
     bf16_frozen_weights: bool = True
     labelled_share: float = 1.0
     """Share of tokens that carry a label (the LM head runs only there); 1.0 is the worst case."""
@@ -215,6 +220,7 @@ class MemoryEstimate:
         method = {"lora": f"LoRA r {p.lora_r}", "qlora": f"QLoRA (4-bit NF4 base, LoRA r {p.lora_r})",
                   "full": "full fine-tuning", "freeze": f"freeze (last {p.trainable_layers} layers train)",
                   "ia3": "IA3", "oft": f"OFT (blocks of {p.block_size})",
+                  "adapter": f"LLaMA-Adapter ({p.adapter_layers} layers × {p.adapter_len} prompts)",
                   "boft": f"BOFT (blocks of {p.block_size})"}[p.method]
         shape = f"{s.params / 1e6:,.0f}M parameters, {s.layers} layers, hidden {s.hidden}, vocabulary {s.vocab:,}"
         lines = [f"Memory estimate: {s.name} ({shape}), {method}, {p.precision}, micro-batch {p.micro_batch} × "
@@ -259,6 +265,8 @@ def trainable_params(plan: Plan) -> int:
     if plan.method == "freeze":
         return min(plan.trainable_layers, s.layers) * s.layer_params()
     q, kv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    if plan.method == "adapter":  # the prompt vectors and a gate per adapted layer
+        return min(plan.adapter_layers, s.layers) * (plan.adapter_len * h + 1)
     if plan.method == "ia3":  # a vector per key and value output, and one per MLP-down input
         return s.layers * (2 * kv + i)
     shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of a layer's linears
@@ -284,7 +292,8 @@ def activation_bytes(plan: Plan, checkpointing: bool) -> float:
     s, tokens = plan.shape, plan.tokens
     layer = layer_activation_bytes(plan)
     # Frozen layers below the first trainable one need no backward pass, so they keep nothing.
-    kept = min(plan.trainable_layers, s.layers) if plan.method == "freeze" else s.layers
+    kept = (min(plan.trainable_layers, s.layers) if plan.method == "freeze" else
+            min(plan.adapter_layers, s.layers) if plan.method == "adapter" else s.layers)
     factor = WORKING_FACTOR[(plan.device, plan.adapter)]
     if checkpointing:  # each layer keeps only its input; one layer at a time is recomputed
         layers = tokens * (kept * CHECKPOINT_BYTES_PER_HIDDEN[plan.device] * s.hidden + factor * layer)
@@ -442,8 +451,9 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
         memory = parse_size(device_memory) if device_memory else (machine.memory if where == machine.device else None)
     except ValueError as exc:
         raise ConfigError(f"--device-memory: {exc}") from None
-    plan = Plan(shape, method, precision, micro_batch, seq, device=where, device_memory=memory,  # type: ignore[arg-type]
-                gradient_checkpointing=gradient_checkpointing, lora_r=lora_r, trainable_layers=trainable_layers)
+    plan = Plan(shape, method, precision, micro_batch, seq, device=where,  # type: ignore[arg-type]
+                device_memory=memory, gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
+                trainable_layers=trainable_layers)
     result = estimate_memory(plan)
     lines = [result.to_text()]
     if where == machine.device:

@@ -23,17 +23,20 @@ METHOD_STARTS: dict[str, dict[str, Any]] = {
     "ia3": {"train.lr": 1e-3},
     "oft": {"train.lr": 1e-4},
     "boft": {"train.lr": 1e-4, "method.block_size": 8},
+    "adapter": {"train.lr": 9e-3},
 }
 LORA = {"lora", "qlora"}
 QLORA = {"qlora"}
 # Keys that only mean something for some methods.
 ONLY_FOR = {"method.r": LORA, "method.alpha": LORA, "method.dropout": {"lora", "qlora", "oft", "boft"},
             "method.target_modules": {"lora", "qlora", "ia3", "oft", "boft"}, "method.bits": QLORA,
-            "method.quant_type": QLORA, "method.double_quant": QLORA, "method.compute_dtype": QLORA, "method.use_dora": LORA,
+            "method.quant_type": QLORA, "method.double_quant": QLORA, "method.compute_dtype": QLORA,
+            "method.use_dora": LORA,
             "method.use_rslora": LORA, "method.init": LORA, "method.lora_plus_ratio": LORA,
             "method.modules_to_save": LORA, "method.block_size": {"oft", "boft"},
             "method.trainable_layers": {"freeze"}, "method.trainable_modules": {"freeze"},
-            "method.trainable_regex": {"freeze"}}
+            "method.trainable_regex": {"freeze"}, "method.adapter_layers": {"adapter"},
+            "method.adapter_len": {"adapter"}}
 
 
 def _scalar(value: Any) -> str:

@@ -66,10 +66,12 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
         seq = min(seq, max(train.lengths))
         share = train.trained_tokens / max(sum(train.lengths), 1) if cfg.train.logits_at_labels_only else 1.0
     return Plan(shape, method=cfg.method.name, precision="bf16" if machine.precision == "bf16" else "fp32",
-                micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq, device="cuda" if machine.device == "cuda" else "cpu",
+                micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq,
+                device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 lora_r=cfg.method.r, bits=cfg.method.bits, lora_targets=cfg.method.target_modules,
                 trainable_layers=cfg.method.trainable_layers, block_size=cfg.method.block_size,
+                adapter_layers=cfg.method.adapter_layers, adapter_len=cfg.method.adapter_len,
                 bf16_frozen_weights=cfg.train.bf16_frozen_weights,
                 labelled_share=share)
 
@@ -264,6 +266,22 @@ def splits(cfg: Config, report: DataReport) -> list[Finding]:
     return out
 
 
+def method_fits_model(cfg: Config, shape: ModelShape | None) -> list[Finding]:
+    """A method that cannot be applied to this model family is an error before anything is loaded."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.methods.llama_adapter import check_family
+
+    if cfg.method.name == "adapter" and shape is not None:
+        try:
+            check_family(shape.family)
+        except ConfigError as exc:
+            return [Finding("error", "method", str(exc))]
+        if cfg.method.adapter_layers > shape.layers:
+            return [Finding("error", "method", f"method.adapter_layers is {cfg.method.adapter_layers} but the model "
+                            f"has {shape.layers} layers", f"method.adapter_layers: {shape.layers} or fewer")]
+    return []
+
+
 def device_support(cfg: Config, machine: Machine) -> list[Finding]:
     out = []
     tc = cfg.train
@@ -330,7 +348,8 @@ def check_config(cfg: Config, report: DataReport, shape: ModelShape | None, mach
     steps = total_steps(cfg, n_train)
     plan = plan_for(cfg, shape, machine, report) if shape else None
     trainable = trainable_params(plan) if plan else 0
-    return [*steps_and_batch(cfg, n_train), *run_time(steps, report, cfg, speed), *overfitting(cfg, n_train, steps),
+    return [*method_fits_model(cfg, shape), *steps_and_batch(cfg, n_train), *run_time(steps, report, cfg, speed),
+            *overfitting(cfg, n_train, steps),
             *intervals(cfg, steps, report, speed, trainable), *ranges(cfg),
             *lengths(cfg, report, shape), *splits(cfg, report), *device_support(cfg, machine),
             *(memory(cfg, plan) if plan else [Finding("info", "memory", "not estimated: the model's shape could "

@@ -5,12 +5,13 @@ from tunesmith.methods.base import Method, describe_counts, parameter_counts
 from tunesmith.methods.freeze import FreezeMethod
 from tunesmith.methods.full import FullMethod
 from tunesmith.methods.ia3 import Ia3Method
+from tunesmith.methods.llama_adapter import LlamaAdapterMethod
 from tunesmith.methods.lora import LoraMethod
 from tunesmith.methods.oft import BoftMethod, OftMethod
 from tunesmith.methods.qlora import QloraMethod
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (FullMethod, FreezeMethod, LoraMethod, QloraMethod, Ia3Method,
-                                                        OftMethod, BoftMethod)}
+                                                        OftMethod, BoftMethod, LlamaAdapterMethod)}
 
 
 def get_method(cfg: MethodConfig) -> Method:
