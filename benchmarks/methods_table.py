@@ -35,6 +35,8 @@ METHODS = {
     "boft (blocks of 8)": ["--method.name=boft", "--method.block_size=8", "--train.lr=1e-3"],
     "adapter (8 layers × 10)": ["--method.name=adapter", "--method.adapter_layers=8", "--method.adapter_len=10",
                                 "--train.lr=9e-3"],
+    "prompt (20 virtual tokens)": ["--method.name=prompt", "--method.num_virtual_tokens=20", "--train.lr=3e-2"],
+    "prefix (20 virtual tokens)": ["--method.name=prefix", "--method.num_virtual_tokens=20", "--train.lr=1e-2"],
 }
 
 

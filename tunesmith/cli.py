@@ -201,7 +201,7 @@ def explain(topic: str = typer.Argument("all", help="a key (train.lr or just lr)
 @app.command()
 def init(out: Path = typer.Argument(..., help="the YAML file to write (must not exist)"),
          model: str = typer.Option("smollm2-135m-instruct", "--model", help="short name, directory, .gguf or hub id"),
-         method: str = typer.Option("lora", "--method", help="lora | qlora | full | freeze | ia3 | oft | boft | adapter"),
+         method: str = typer.Option("lora", "--method", help="lora | qlora | full | freeze | ia3 | oft | boft | adapter | prompt | prefix"),
          data: str = typer.Option("data/train.jsonl", "--data", help="the training file (JSON or JSONL rows)"),
          ) -> None:
     """Write a complete config with every key explained in a comment above it."""

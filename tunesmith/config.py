@@ -70,7 +70,7 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter"] = "lora"
+    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix"] = "lora"
     # LoRA
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
@@ -92,6 +92,9 @@ class MethodConfig(Section):
     # adapter (LLaMA-Adapter): prompt vectors in the top layers
     adapter_layers: int = Field(8, ge=1)
     adapter_len: int = Field(10, ge=1)
+    # prompt / prefix tuning
+    num_virtual_tokens: int = Field(20, ge=1)
+    prompt_init_text: str | None = None
     # freeze: train the last N decoder layers, modules whose name contains one of these strings, and/or
     # parameters whose name matches a regular expression
     trainable_layers: int = Field(2, ge=0)

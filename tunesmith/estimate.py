@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GiB = 2**30
-Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter"]
-ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter")  # a frozen base with small trained add-ons
+Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix"]
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix")  # a frozen base with small trained add-ons
 Precision = Literal["fp32", "bf16"]
 
 # Bytes autograd keeps per token and decoder layer: coefficients of (hidden, intermediate, query width,
@@ -177,6 +177,8 @@ class Plan:
     """OFT/BOFT block size."""
     adapter_layers: int = 8
     adapter_len: int = 10
+    virtual_tokens: int = 20
+    """prompt / prefix tuning: learned positions."""
     """LLaMA-Adapter: prompts of adapter_len vectors in the top adapter_layers layers."""
     bf16_frozen_weights: bool = True
     labelled_share: float = 1.0
@@ -221,6 +223,8 @@ class MemoryEstimate:
                   "full": "full fine-tuning", "freeze": f"freeze (last {p.trainable_layers} layers train)",
                   "ia3": "IA3", "oft": f"OFT (blocks of {p.block_size})",
                   "adapter": f"LLaMA-Adapter ({p.adapter_layers} layers × {p.adapter_len} prompts)",
+                  "prompt": f"prompt tuning ({p.virtual_tokens} virtual tokens)",
+                  "prefix": f"prefix tuning ({p.virtual_tokens} virtual tokens)",
                   "boft": f"BOFT (blocks of {p.block_size})"}[p.method]
         shape = f"{s.params / 1e6:,.0f}M parameters, {s.layers} layers, hidden {s.hidden}, vocabulary {s.vocab:,}"
         lines = [f"Memory estimate: {s.name} ({shape}), {method}, {p.precision}, micro-batch {p.micro_batch} × "
@@ -265,6 +269,10 @@ def trainable_params(plan: Plan) -> int:
     if plan.method == "freeze":
         return min(plan.trainable_layers, s.layers) * s.layer_params()
     q, kv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    if plan.method == "prompt":  # one embedding per virtual token
+        return plan.virtual_tokens * h
+    if plan.method == "prefix":  # a key and a value per virtual token in every layer
+        return plan.virtual_tokens * s.layers * 2 * kv
     if plan.method == "adapter":  # the prompt vectors and a gate per adapted layer
         return min(plan.adapter_layers, s.layers) * (plan.adapter_len * h + 1)
     if plan.method == "ia3":  # a vector per key and value output, and one per MLP-down input

@@ -72,6 +72,7 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
                 lora_r=cfg.method.r, bits=cfg.method.bits, lora_targets=cfg.method.target_modules,
                 trainable_layers=cfg.method.trainable_layers, block_size=cfg.method.block_size,
                 adapter_layers=cfg.method.adapter_layers, adapter_len=cfg.method.adapter_len,
+                virtual_tokens=cfg.method.num_virtual_tokens,
                 bf16_frozen_weights=cfg.train.bf16_frozen_weights,
                 labelled_share=share)
 

@@ -3,6 +3,7 @@ result is saved, loaded back and merged. Nothing else in tunesmith branches on t
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
@@ -57,12 +58,20 @@ class Method(ABC):
         """A plain transformers model with the training folded into its weights."""
 
 
+def parameter_count(p: nn.Parameter) -> int:
+    """Weights a tensor stands for: a 4-bit bitsandbytes tensor packs two in each byte it stores."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return int(math.prod(shape)) if shape is not None else p.numel()
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total), counting tied weights once."""
     trainable = total = 0
     for p in model.parameters():  # parameters() yields each shared tensor once
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        n = parameter_count(p)
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total
 
 

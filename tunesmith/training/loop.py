@@ -34,7 +34,7 @@ from tunesmith.training.batching import RowStream, micro_batches
 from tunesmith.training.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
                                            load_checkpoint, read_state, save_checkpoint, sha256_file)
 from tunesmith.training.interrupts import EXIT_CODES, StopOnSignal
-from tunesmith.training.loss import causal_lm, token_loss_sum
+from tunesmith.training.loss import causal_lm, token_loss_sum, virtual_tokens
 from tunesmith.training.metrics import MetricsLog, plot_losses, truncate_metrics
 from tunesmith.training.optim import build_optimizer, build_scheduler
 from tunesmith.training.attention import use_packed_attention
@@ -131,9 +131,10 @@ def apply_speed_switches(model, method, tc, precision: str, log) -> bool:
     Returns whether micro-batches are packed."""
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    packed = tc.packing and use_packed_attention(model)
+    packed = tc.packing and use_packed_attention(model) and virtual_tokens(model) is None
     if tc.packing and not packed:
-        log("note: this model's attention cannot keep packed examples apart; micro-batches are padded instead")
+        log("note: packing is off: this model's attention cannot keep packed examples apart, or the method adds "
+            "soft prompts; micro-batches are padded instead")
     if precision == "bf16" and tc.bf16_frozen_weights and not method.saves_base_weights:
         store_frozen_weights_in_bf16(model)
     if tc.compile:

@@ -30,11 +30,25 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | boo
             "position_ids": batch.get("position_ids"), "use_cache": False}
 
 
+def virtual_tokens(model) -> int | None:
+    """For soft-prompt methods (peft prompt learning), the positions peft puts before the input (0 for prefix
+    tuning, whose prefix lives in the attention cache); None for every other model."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    return 0 if config.peft_type.value == "PREFIX_TUNING" else config.num_virtual_tokens
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor], labels_only: bool = True) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of scored tokens) for one micro-batch."""
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
     n = int(scored.sum())
+    virtual = virtual_tokens(model)
+    if virtual is not None:  # soft prompts: only peft's own forward adds them; their positions are not scored
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       use_cache=False).logits[:, virtual:-1]
+        return F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum"), n
     lm = causal_lm(model)
     if not labels_only or getattr(lm.config, "final_logit_softcapping", None):
         # The plain path: logits at every position (models that post-process logits, such as Gemma-2's
