@@ -66,13 +66,14 @@ def test_unknown_or_ambiguous_topics_are_clear_errors():
         resolve_topic("seed")
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full", "freeze", "ia3", "oft", "boft", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "freeze", "ia3", "oft", "boft", "adapter", "prompt",
+                                    "prefix"])
 def test_init_writes_a_commented_config_that_loads(method):
     text = init_config("smollm2-135m-instruct", method, "data/train.jsonl")
     cfg = config_from_dict(yaml.safe_load(text), "init")
     assert cfg.method.name == method and cfg.data.train_file == "data/train.jsonl"
     assert cfg.train.lr == {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 1e-4, "ia3": 1e-3, "oft": 1e-4,
-                            "boft": 1e-4, "adapter": 9e-3}[method]
+                            "boft": 1e-4, "adapter": 9e-3, "prompt": 3e-2, "prefix": 1e-2}[method]
     assert ("bits: 4" in text) == (method == "qlora") and ("block_size" in text) == (method in ("oft", "boft"))
     lines = text.splitlines()
     keys = [i for i, line in enumerate(lines) if line.startswith("  ") and not line.startswith("  #")]

@@ -231,6 +231,18 @@ def test_qlora_without_bitsandbytes_fails_at_config_validation(monkeypatch):
 # ------------------------------------------------------------------------------------- LLaMA-Adapter
 
 
+def assert_round_trip_that_cannot_merge(method, model, tmp_path) -> None:
+    """Save → load and save → restore give the trained outputs; merging is refused with a clear error."""
+    want = logits(model, IDS)
+    method.save(model, tmp_path / "saved")
+    torch.testing.assert_close(logits(method.load(lambda: build_tiny_model(300), tmp_path / "saved"), IDS), want)
+    fresh = method.build(build_tiny_model(300))
+    method.restore(fresh, tmp_path / "saved")
+    torch.testing.assert_close(logits(fresh, IDS), want)
+    with pytest.raises(ConfigError, match="cannot be merged"):
+        method.merge(model)
+
+
 def test_llama_adapter_trains_gated_prompts_in_the_top_layers(tmp_path):
     method = get_method(MethodConfig(name="adapter", adapter_layers=1, adapter_len=4))
     model = method.build(build_tiny_model(300))
@@ -241,14 +253,7 @@ def test_llama_adapter_trains_gated_prompts_in_the_top_layers(tmp_path):
     losses = train_steps(model, method, steps=20, lr=1e-1)  # the gate opens slowly: more steps than the others
     assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
 
-    want = logits(model, IDS)
-    method.save(model, tmp_path / "saved")
-    torch.testing.assert_close(logits(method.load(lambda: build_tiny_model(300), tmp_path / "saved"), IDS), want)
-    fresh = method.build(build_tiny_model(300))
-    method.restore(fresh, tmp_path / "saved")
-    torch.testing.assert_close(logits(fresh, IDS), want)
-    with pytest.raises(ConfigError, match="cannot be merged"):
-        method.merge(model)
+    assert_round_trip_that_cannot_merge(method, model, tmp_path)
 
 
 def test_llama_adapter_on_an_unsupported_family_fails_before_training(make_config, tmp_path):
@@ -300,14 +305,7 @@ def test_soft_prompts_train_score_only_real_tokens_and_round_trip(tmp_path, name
 
     losses = train_steps(model, method, lr=1e-1)
     assert losses[-1] < 0.9 * losses[0], losses
-    want = logits(model, IDS)
-    method.save(model, tmp_path / "saved")
-    torch.testing.assert_close(logits(method.load(lambda: build_tiny_model(300), tmp_path / "saved"), IDS), want)
-    fresh = method.build(build_tiny_model(300))
-    method.restore(fresh, tmp_path / "saved")
-    torch.testing.assert_close(logits(fresh, IDS), want)
-    with pytest.raises(ConfigError, match="cannot be merged"):
-        method.merge(model)
+    assert_round_trip_that_cannot_merge(method, model, tmp_path)
 
 
 def test_prompt_starts_from_the_embeddings_of_a_text(tiny_model_dir):
