@@ -94,8 +94,9 @@ def results_file() -> Path:
 
 def record(cfg: Config, result: BenchResult, longest: int | None = None) -> None:
     """Keep the measurement, so estimates of run time on this machine can use it (tunesmith estimate, doctor)."""
-    entry = {"model": cfg.model.name_or_path, "method": cfg.method.name, "micro_batch_size": cfg.train.micro_batch_size,
-             "max_seq_length": cfg.data.max_seq_length, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+    entry = {"model": cfg.model.name_or_path, "method": cfg.method.name,
+             "micro_batch_size": cfg.train.micro_batch_size, "max_seq_length": cfg.data.max_seq_length,
+             "gradient_checkpointing": cfg.train.gradient_checkpointing,
              "longest_row": longest, "when": time.strftime("%Y-%m-%d %H:%M"), **asdict(result)}
     try:
         results_file().parent.mkdir(parents=True, exist_ok=True)
@@ -143,15 +144,15 @@ def bench(cfg: Config, steps: int = 10, log=print) -> BenchResult:
         torch.cuda.reset_peak_memory_stats()
     try:
         run = train(scratch, log=log, checks="off")  # measuring, not training: the config's own checks do not apply
-        result = _measure(cfg, run, device)
-        report = json.loads((run / "data" / "data_report.json").read_text(encoding="utf-8"))
+        train_split = json.loads((run / "data" / "data_report.json").read_text(encoding="utf-8"))["splits"]["train"]
+        result = _measure(cfg, run, device, train_split["kept"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    record(cfg, result, report["splits"]["train"]["length"]["max"])
+    record(cfg, result, train_split["length"]["max"])
     return result
 
 
-def _measure(cfg: Config, run: Path, device: torch.device) -> BenchResult:
+def _measure(cfg: Config, run: Path, device: torch.device, train_rows: int) -> BenchResult:
     from tunesmith.training.loop import total_steps
     from tunesmith.training.metrics import read_metrics
 
@@ -162,8 +163,7 @@ def _measure(cfg: Config, run: Path, device: torch.device) -> BenchResult:
     per_token = training_flops_per_token(**info["parameters"])
     precision = pick_precision(cfg.train.precision, device)
     peak = matmul_peak(device, precision)
-    report = json.loads((run / "data" / "data_report.json").read_text(encoding="utf-8"))
-    run_steps = total_steps(cfg, report["splits"]["train"]["kept"])
+    run_steps = total_steps(cfg, train_rows)
     achieved = tokens / seconds * per_token
     return BenchResult(
         device=device_name(device),

@@ -16,7 +16,8 @@ from typing import Literal
 
 GiB = 2**30
 Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix"]
-ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix")  # a frozen base with small trained add-ons
+# A frozen base with small trained add-ons (the methods whose saves_base_weights is False).
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix")
 Precision = Literal["fp32", "bf16"]
 
 # Bytes autograd keeps per token and decoder layer: coefficients of (hidden, intermediate, query width,
@@ -177,9 +178,9 @@ class Plan:
     """OFT/BOFT block size."""
     adapter_layers: int = 8
     adapter_len: int = 10
+    """LLaMA-Adapter: prompts of adapter_len vectors in the top adapter_layers layers."""
     virtual_tokens: int = 20
     """prompt / prefix tuning: learned positions."""
-    """LLaMA-Adapter: prompts of adapter_len vectors in the top adapter_layers layers."""
     bf16_frozen_weights: bool = True
     labelled_share: float = 1.0
     """Share of tokens that carry a label (the LM head runs only there); 1.0 is the worst case."""

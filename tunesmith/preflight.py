@@ -148,11 +148,16 @@ def overfitting(cfg: Config, n_train: int, steps: int) -> list[Finding]:
     return []
 
 
+def tokens_per_step(cfg: Config, report: DataReport) -> float:
+    """Real tokens in one optimizer step, at the training rows' mean length."""
+    train = report.splits["train"]
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * sum(train.lengths) / max(train.kept, 1)
+
+
 def intervals(cfg: Config, steps: int, report: DataReport, speed: Speed | None, trainable: int) -> list[Finding]:
     out = []
-    tc, train, val = cfg.train, report.splits["train"], report.splits.get("val")
-    rows_per_step = tc.micro_batch_size * tc.grad_accum_steps
-    step_tokens = rows_per_step * sum(train.lengths) / max(train.kept, 1)
+    val = report.splits.get("val")
+    step_tokens = tokens_per_step(cfg, report)
     if cfg.eval.interval:
         if not val or not val.kept:
             out.append(Finding("warning", "eval", "eval.interval is set but there is no validation data",
@@ -334,8 +339,7 @@ def run_time(steps: int, report: DataReport, cfg: Config, speed: Speed | None) -
         return []
     from tunesmith.bench import duration
 
-    train = report.splits["train"]
-    tokens = steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * sum(train.lengths) / max(train.kept, 1)
+    tokens = steps * tokens_per_step(cfg, report)
     return [Finding("info", "time", f"about {duration(tokens / speed.tokens_per_s / 3600)} of training "
                     f"({tokens:,.0f} tokens at {speed.tokens_per_s:,.0f} tokens/s; {speed.source})")]
 
@@ -367,6 +371,16 @@ def model_shape(cfg: Config) -> ModelShape | None:
         return None
 
 
+def assess(cfg: Config, report: DataReport, measure: bool) -> list[Finding]:
+    """check_config on this machine, for the model the config names; `measure`: without a `tunesmith bench`
+    record, time the device's matmul peak for the time estimate (doctor does; train does not wait for it)."""
+    shape = model_shape(cfg)
+    machine = this_machine(cfg.train.device, cfg.train.precision)
+    speed = training_speed(plan_for(cfg, shape, machine, report), machine, cfg.model.name_or_path,
+                           measure) if shape else None
+    return check_config(cfg, report, shape, machine, speed)
+
+
 def doctor_config(cfg: Config) -> list[Finding]:
     """Everything `tunesmith doctor CONFIG` reports: the environment's problems, then the config's findings."""
     from tunesmith.doctor import check_environment
@@ -374,12 +388,8 @@ def doctor_config(cfg: Config) -> list[Finding]:
 
     environment = [f for f in check_environment() if f.severity in ("warning", "error")]
     _, _, data = load_data_and_tokenizer(cfg)
-    shape = model_shape(cfg)
-    machine = this_machine(cfg.train.device, cfg.train.precision)
-    speed = training_speed(plan_for(cfg, shape, machine, data.report), machine, cfg.model.name_or_path,
-                           measure=True) if shape else None
     head = Finding("info", "data", data.report.to_text().replace("\n", "\n          "))
-    return environment + [head] + check_config(cfg, data.report, shape, machine, speed)
+    return environment + [head] + assess(cfg, data.report, measure=True)
 
 
 def blocking(findings: list[Finding]) -> list[Finding]:
@@ -390,11 +400,7 @@ def check_before_training(cfg: Config, report: DataReport, log, mode: str = "blo
     """`train`'s pre-flight: print the warnings and errors; errors stop the run when mode is "block"."""
     from tunesmith.errors import TunesmithError
 
-    shape = model_shape(cfg)
-    machine = this_machine(cfg.train.device, cfg.train.precision)
-    speed = training_speed(plan_for(cfg, shape, machine, report), machine, cfg.model.name_or_path,
-                           measure=False) if shape else None
-    findings = [f for f in check_config(cfg, report, shape, machine, speed) if f.severity in ("warning", "error")]
+    findings = [f for f in assess(cfg, report, measure=False) if f.severity in ("warning", "error")]
     for finding in findings:
         log(finding.to_text())
     errors = blocking(findings)

@@ -45,15 +45,12 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], labels_only: bool = Tr
     scored = targets != IGNORE
     n = int(scored.sum())
     virtual = virtual_tokens(model)
-    if virtual is not None:  # soft prompts: only peft's own forward adds them; their positions are not scored
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       use_cache=False).logits[:, virtual:-1]
-        return F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum"), n
     lm = causal_lm(model)
-    if not labels_only or getattr(lm.config, "final_logit_softcapping", None):
-        # The plain path: logits at every position (models that post-process logits, such as Gemma-2's
-        # soft-capping, always take it).
-        logits = model(**model_inputs(batch)).logits[:, :-1]
+    if not labels_only or virtual is not None or getattr(lm.config, "final_logit_softcapping", None):
+        # The plain path: logits at every position, through the model's own forward. Models that post-process
+        # logits (Gemma-2's soft-capping) always take it, and so do soft prompts: only peft's forward adds
+        # them, and their `virtual` positions come first and are not scored.
+        logits = model(**model_inputs(batch)).logits[:, (virtual or 0):-1]
         return F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum"), n
     hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state
     logits = lm.get_output_embeddings()(hidden[:, :-1][scored])
