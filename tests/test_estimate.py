@@ -121,6 +121,8 @@ def test_verdict_and_the_changes_that_make_a_run_fit():
                                  device_memory=24 * GiB, gradient_checkpointing=True))
     assert qlora.fits and "fits:" in qlora.to_text()
     assert qlora.part("weights") < 5 * GiB  # 4-bit base: about half a byte per weight
+    eight = estimate_memory(replace(qlora.plan, bits=8))
+    assert "8-bit base" in eight.to_text() and eight.part("weights") > 1.5 * qlora.part("weights")
 
     full = Plan(shape, "full", "bf16", micro_batch=4, seq=2048, device="cuda", device_memory=24 * GiB)
     result = estimate_memory(full)

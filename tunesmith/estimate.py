@@ -220,7 +220,7 @@ class MemoryEstimate:
 
     def to_text(self) -> str:
         p, s = self.plan, self.plan.shape
-        method = {"lora": f"LoRA r {p.lora_r}", "qlora": f"QLoRA (4-bit NF4 base, LoRA r {p.lora_r})",
+        method = {"lora": f"LoRA r {p.lora_r}", "qlora": f"QLoRA ({p.bits}-bit base, LoRA r {p.lora_r})",
                   "full": "full fine-tuning", "freeze": f"freeze (last {p.trainable_layers} layers train)",
                   "ia3": "IA3", "oft": f"OFT (blocks of {p.block_size})",
                   "adapter": f"LLaMA-Adapter ({p.adapter_layers} layers × {p.adapter_len} prompts)",
