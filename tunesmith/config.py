@@ -70,7 +70,8 @@ class DataConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix"] = "lora"
+    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt",
+                  "prefix"] = "lora"
     # LoRA
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
@@ -79,7 +80,9 @@ class MethodConfig(Section):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
-    init: Literal["default", "gaussian"] = "default"
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """pissa and olora start the adapter from the weights' principal directions (lora only); loftq from the
+    quantization error (qlora, 4-bit)."""
     lora_plus_ratio: float | None = Field(None, gt=0)
     modules_to_save: list[str] = Field(default_factory=list)
     # QLoRA: the quantized base
@@ -89,7 +92,7 @@ class MethodConfig(Section):
     compute_dtype: Literal["bf16", "fp32"] = "bf16"
     # OFT / BOFT
     block_size: int = Field(32, ge=1)
-    # adapter (LLaMA-Adapter): prompt vectors in the top layers
+    # adapter, adapter_v2 (LLaMA-Adapter): prompt vectors in the top layers
     adapter_layers: int = Field(8, ge=1)
     adapter_len: int = Field(10, ge=1)
     # prompt / prefix tuning
@@ -108,6 +111,18 @@ class MethodConfig(Section):
         if self.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("method qlora needs bitsandbytes, which is not installed: "
                              "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
+        return self
+
+    @model_validator(mode="after")
+    def _init_fits_method(self) -> "MethodConfig":
+        if self.init in ("pissa", "olora") and self.name != "lora":
+            raise ValueError(f"method.init {self.init} applies to method lora only (it rewrites the base weights, "
+                             "which a quantized base cannot take back exactly)")
+        if self.init == "loftq" and (self.name != "qlora" or self.bits != 4):
+            raise ValueError("method.init loftq applies to method qlora with bits 4: it starts the adapter from "
+                             "the 4-bit quantization error")
+        if self.init in ("pissa", "olora", "loftq") and self.use_dora:
+            raise ValueError(f"method.init {self.init} cannot be combined with use_dora")
         return self
 
     @field_validator("trainable_regex")
@@ -134,11 +149,24 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "galore", "galore_8bit",
+                       "galore_adafactor", "badam"] = "adamw"
     """adamw; adamw_8bit / paged_adamw_8bit (bitsandbytes: states in 8 bits); adafactor (factored second
-    moments, little state); sgd (with momentum)."""
+    moments, little state); sgd (with momentum); galore* (AdamW, 8-bit AdamW or Adafactor on gradients
+    projected to low rank; full/freeze); badam (AdamW on one block of layers at a time; full/freeze)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """SGD only."""
+    galore_rank: int = Field(128, ge=1)
+    """GaLore: the rank gradients of the layers' weight matrices are projected to."""
+    galore_update_interval: int = Field(200, ge=1)
+    """GaLore: steps between recomputing each projection from the current gradient."""
+    galore_scale: float = Field(0.25, gt=0)
+    """GaLore: multiplies the projected-back update."""
+    galore_proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    badam_switch_every: int = Field(50, ge=1)
+    """BAdam: optimizer steps on one block (decoder layer) before moving to the next."""
+    badam_order: Literal["random", "ascending", "descending"] = "random"
+    """BAdam: the order blocks take turns in (random: a new shuffle each round, from train.seed)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -169,6 +197,9 @@ class TrainConfig(Section):
     def _optimizer_needs(self) -> "TrainConfig":
         import importlib.util
 
+        if self.optimizer.startswith("galore") and importlib.util.find_spec("galore_torch") is None:
+            raise ValueError(f"optimizer {self.optimizer} needs galore-torch, which is not installed: "
+                             "pip install galore-torch (or tunesmith[galore])")
         if self.optimizer.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError(f"optimizer {self.optimizer} needs bitsandbytes, which is not installed: "
                              "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
@@ -212,6 +243,14 @@ class Config(Section):
     def _needs_data(self) -> "Config":
         if self.data.train_file is None:
             raise ValueError("data.train_file is required")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits_method(self) -> "Config":
+        opt = self.train.optimizer
+        if (opt.startswith("galore") or opt == "badam") and self.method.name not in ("full", "freeze"):
+            raise ValueError(f"train.optimizer {opt} works on the model's own weights, so it needs method.name "
+                             f"full or freeze (it is {self.method.name}); adapters are small enough for adamw")
         return self
 
     def to_dict(self) -> dict[str, Any]:

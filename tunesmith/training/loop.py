@@ -214,9 +214,9 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     method = get_method(cfg.method)
     model = method.build(load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code,
                                         revision=cfg.model.revision, **method.load_kwargs(device)))
-    if not method.quantized:  # a quantized base is placed while it loads
-        model.to(device)
     packed = apply_speed_switches(model, method, tc, precision, log)
+    if not method.quantized:  # after the bf16 cast, so the device never holds the fp32 copy of frozen weights;
+        model.to(device)      # a quantized base is placed while it loads
     params = method.trainable_parameters(model)
     log(f"method {method.name}: {describe_counts(model)}")
 
