@@ -174,7 +174,7 @@ def load_quantized(path, method):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_qlora_trains_lora_on_a_quantized_base_and_merges_into_full_precision(tiny64_dir, tmp_path, bits):
+def test_qlora_trains_lora_on_a_quantized_base_and_merges_into_its_dequantized_weights(tiny64_dir, tmp_path, bits):
     import bitsandbytes as bnb
 
     method = get_method(MethodConfig(name="qlora", r=4, alpha=8, bits=bits, compute_dtype="fp32"))
@@ -200,8 +200,13 @@ def test_qlora_trains_lora_on_a_quantized_base_and_merges_into_full_precision(ti
         merged = method.merge(reloaded)
     assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # de-quantized, full precision
+    # It computes what was trained (8-bit also rounds activations, so less exactly); the adapter on the original
+    # base is further off by the quantization gap.
     gap = (logits(merged, IDS) - want).abs().max()
-    assert 0 < gap < 0.5 * want.abs().max()  # close to the trained model, but not equal: the quantization gap
+    assert gap < (0.005 if bits == 4 else 0.01) * want.abs().max()
+    on_original = logits(get_method(MethodConfig(name="lora", r=4, alpha=8)).load(
+        lambda: load_base(quantized=False), tmp_path / "saved"), IDS)
+    assert gap < (on_original - want).abs().max()
 
 
 def test_qlora_run_applies_its_quantized_base_when_loaded(make_config, tiny64_dir):

@@ -2,15 +2,34 @@
 
 Options: DoRA (a learned magnitude per output, `use_dora`), rank-stabilised scaling alpha/sqrt(r)
 (`use_rslora`), the initialisation, LoRA+ (the B matrices learn `lora_plus_ratio` times faster), and
-modules trained fully beside the adapters (`modules_to_save`, e.g. the LM head for new tokens)."""
+modules trained fully beside the adapters (`modules_to_save`, e.g. the LM head for new tokens).
+
+PiSSA and OLoRA start A and B from a decomposition of each weight and subtract that part from the frozen
+weight, so training runs on a rewritten base. Each save therefore writes two things: the adapter as trained
+(for resume, onto a base rewritten the same way) and, as the adapter proper, its conversion to an ordinary
+LoRA of rank 2r on the original weights (trained minus initial), which chat, eval, export and plain peft load
+like any other."""
 
 from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch.nn as nn
 
 from tunesmith.methods.peft_adapter import PeftAdapterMethod, default_targets
 
-INIT = {"default": True, "gaussian": "gaussian"}
+INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
+REWRITES_BASE = ("pissa", "olora")
+AS_TRAINED = "adapter_as_trained.safetensors"
+"""PiSSA/OLoRA: the adapter as trained, on the rewritten base (what resume puts back)."""
+
+
+def rewrites_base(model: nn.Module) -> bool:
+    config = getattr(model, "peft_config", {}).get("default")
+    return str(getattr(config, "init_lora_weights", "")) in REWRITES_BASE
 
 
 class LoraMethod(PeftAdapterMethod):
@@ -24,6 +43,42 @@ class LoraMethod(PeftAdapterMethod):
                           target_modules=default_targets(cfg.target_modules), use_dora=cfg.use_dora,
                           use_rslora=cfg.use_rslora, init_lora_weights=INIT[cfg.init],
                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
+
+    def build(self, model: nn.Module) -> nn.Module:
+        model = super().build(model)
+        if rewrites_base(model):
+            # The starting adapter, kept for converting every save to an ordinary LoRA (peft reads it from disk).
+            scratch = Path(tempfile.mkdtemp(prefix="tunesmith-initial-adapter-"))
+            atexit.register(shutil.rmtree, scratch, True)
+            model.save_pretrained(scratch / "initial")
+            self._initial = scratch / "initial"
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        if not rewrites_base(model):
+            return super().save(model, out_dir)
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()},
+                  str(out_dir / AS_TRAINED))
+        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(self._initial))
+
+    def restore(self, model: nn.Module, saved_dir: Path) -> None:
+        if not rewrites_base(model):
+            return super().restore(model, saved_dir)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from tunesmith.errors import ConfigError
+
+        if not (saved_dir / AS_TRAINED).exists():
+            raise ConfigError(f"{saved_dir}: no {AS_TRAINED}; this checkpoint was not saved by a {self.cfg.init} run")
+        weights = load_file(str(saved_dir / AS_TRAINED), device=str(next(model.parameters()).device))
+        missing = [k for k in set_peft_model_state_dict(model, weights).missing_keys if "lora_" in k]
+        if missing:
+            raise ConfigError(f"{saved_dir}: the adapter does not fit this model (missing {missing[:3]})")
 
     def lr_multiplier(self, name: str) -> float:
         # LoRA+: B starts at zero and carries the update's output side; a higher rate for it learns faster.
