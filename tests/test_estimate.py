@@ -83,6 +83,25 @@ def test_activation_bytes_per_layer_and_token_are_what_autograd_keeps(method, pr
     assert (big - small) / (2048 - 512) == pytest.approx(HEAD_SAVED[precision], rel=0.01)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_adapter_v2_layers_keep_their_linear_outputs_for_the_scales(precision):
+    from tunesmith.methods import get_method
+    from tunesmith.training.loop import apply_speed_switches
+
+    def kept(layers: int, tokens: int) -> int:
+        method = get_method(MethodConfig(name="adapter_v2", adapter_layers=1, adapter_len=4))
+        model = method.build(llama(layers))
+        apply_speed_switches(model, method, TrainConfig(), precision, print)
+        ids = torch.randint(0, 512, (1, tokens), generator=torch.Generator().manual_seed(0))
+        return saved_activation_bytes(model.train(), {"input_ids": ids, "labels": ids.clone()}, precision)
+
+    def slope(layers: int) -> float:
+        return (kept(layers, 160) - kept(layers, 32)) / 128
+
+    plan = Plan(shape_of(3), method="adapter_v2", precision=precision)
+    assert slope(3) - slope(2) == pytest.approx(layer_activation_bytes(plan), rel=0.01)
+
+
 def test_frozen_layers_below_the_trained_ones_keep_nothing_and_checkpointing_keeps_layer_inputs():
     one = per_token(method="freeze", precision="bf16", layers=4, trainable_layers=1)
     two = per_token(method="freeze", precision="bf16", layers=4, trainable_layers=2)
@@ -178,7 +197,8 @@ def test_estimate_command(tiny_model_dir):
     from test_config_and_cli import run_cli
 
     done = run_cli("estimate", "--params", "7e9", "--method", "qlora", "--precision", "bf16", "--micro-batch", "1",
-                   "--seq", "2048", "--device-memory", "24GB", "--device", "cuda", "--json")
+                   "--seq", "2048", "--device-memory", "24GB", "--device", "cuda", "--gradient-checkpointing",
+                   "--json")
     assert done.returncode == 0, done.stderr
     for part in ("weights", "gradients", "optimizer states", "activations", "overhead", "gradient checkpointing"):
         assert part in done.stdout
@@ -194,3 +214,38 @@ def test_estimate_command(tiny_model_dir):
 
     done = run_cli("estimate", "--params", "7e9", "--model", "x")
     assert done.returncode == 2 and "either --model" in done.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "galore", "badam"])
+def test_optimizer_state_bytes_are_what_the_optimizer_keeps(optimizer):
+    """After one step, the bytes in the real optimizer's state (GaLore's projections included) are the estimate's."""
+    from tunesmith.estimate import ModelShape, optimizer_memory
+    from tunesmith.training.optim import build_optimizer
+
+    model = llama(2, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32)
+    shape = ModelShape("probe", params=sum(p.numel() for p in model.parameters()), layers=2, hidden=128,
+                       intermediate=256, heads=4, kv_heads=2, head_dim=32, vocab=512, tied=True)
+    cfg = TrainConfig(optimizer=optimizer, galore_rank=16)
+    opt = build_optimizer(list(model.named_parameters()), cfg, model=model, log=lambda *_: None)
+    if optimizer == "badam":
+        opt.begin_step(1)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+    storages: dict[int, int] = {}  # bitsandbytes' code books are shared by all parameters: count them once
+
+    def count(value) -> None:
+        if isinstance(value, torch.Tensor) and value.numel() > 1:  # step counters aside
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif hasattr(value, "ortho_matrix"):  # GaLore's projector
+            count(value.ortho_matrix)
+
+    for state in opt.state.values():
+        for value in state.values():
+            count(value)
+    real = sum(storages.values())
+    plan = Plan(shape, method="full", optimizer=optimizer, galore_rank=16)
+    _, states, _ = optimizer_memory(plan, trainable_params(plan))
+    assert states == pytest.approx(real, rel=0.005)  # 8-bit: plus its two code books (2 KiB)

@@ -245,7 +245,10 @@ def estimate(
     model: Optional[str] = typer.Option(None, "--model", help="short name, directory, .gguf or hub id (its config "
                                         "is read; weights are not loaded)"),
     params: Optional[float] = typer.Option(None, "--params", help="parameter count instead of --model, e.g. 7e9"),
-    method: str = typer.Option("lora", "--method", help="full | freeze | lora | qlora"),
+    method: str = typer.Option("lora", "--method", help="full | freeze | lora | qlora | ia3 | oft | boft | adapter | "
+                               "adapter_v2 | prompt | prefix"),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw_8bit | paged_adamw_8bit | adafactor | "
+                                  "sgd | galore | galore_8bit | galore_adafactor | badam"),
     precision: str = typer.Option("bf16", "--precision", help="bf16 | fp32"),
     micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="rows per forward/backward pass"),
     seq: int = typer.Option(1024, "--seq", min=8, help="tokens per row (the longest row, at most max_seq_length)"),
@@ -271,7 +274,7 @@ def estimate(
                            seq=seq, device_memory=device_memory, device=device,
                            gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
                            trainable_layers=trainable_layers, tokens=tokens, layers=layers, hidden=hidden,
-                           intermediate=intermediate, vocab=vocab, as_json=as_json))
+                           intermediate=intermediate, vocab=vocab, as_json=as_json, optimizer=optimizer))
 
 
 @app.command()

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 GiB = 2**30
-Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix"]
+Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt",
+                 "prefix"]
 # A frozen base with small trained add-ons (the methods whose saves_base_weights is False).
-ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter", "prompt", "prefix")
+ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt", "prefix")
 Precision = Literal["fp32", "bf16"]
 
 # Bytes autograd keeps per token and decoder layer: coefficients of (hidden, intermediate, query width,
@@ -30,6 +31,8 @@ LAYER_BYTES = {
     (False, "bf16"): (26, 8, 4, 4, 4, 0),
     (False, "fp32"): (24, 16, 8, 8, 4, 0),
 }
+# adapter_v2 keeps, beside a frozen layer's tensors, each linear output its scale's gradient needs.
+ADAPTER_V2_BYTES = {"bf16": (20, 10, 6, 8, 4, 0), "fp32": (28, 20, 8, 16, 4, 0)}
 # Per scored token at the LM head, in bytes per vocabulary entry: the fp32 logits cross-entropy keeps, and
 # during the backward pass their gradient (fp32, plus its bf16 copy under autocast).
 HEAD_SAVED = {"bf16": 4, "fp32": 4}
@@ -37,7 +40,8 @@ HEAD_BACKWARD = {"bf16": 6, "fp32": 4}
 # The backward pass needs working memory beyond what the forward pass kept (each layer's activation
 # gradients), and on CPU the C allocator keeps freed blocks mapped: peak resident memory runs at this
 # multiple of the kept layer activations, by device and by whether the method is an adapter
-# (benchmarks/memory_estimate.py measured the CPU figures; the CUDA ones are not yet measured).
+# (benchmarks/memory_estimate.py measured the CPU figures; benchmarks/gpu_memory.py checked the CUDA ones
+# on an H200 with a 1.7B model: estimate / measured 0.89-1.05 for LoRA, full, GaLore and LLaMA-Adapter v2).
 WORKING_FACTOR = {("cpu", True): 1.75, ("cpu", False): 1.1, ("cuda", True): 1.25, ("cuda", False): 1.25}
 # With gradient checkpointing a layer keeps only its fp32 input (4 bytes × hidden per token), but while
 # layers are recomputed one by one during the backward pass, resident memory on CPU grows by about 25.5
@@ -45,8 +49,12 @@ WORKING_FACTOR = {("cpu", True): 1.75, ("cpu", False): 1.1, ("cuda", True): 1.25
 CHECKPOINT_BYTES_PER_HIDDEN = {"cpu": 25.5, "cuda": 4 * 1.25}
 QLORA_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # NF4 with double-quantized block constants (bitsandbytes' layout)
 CPU_RUNTIME = 0.85 * GiB  # Python, PyTorch, transformers and peft loaded: measured resident memory
-CUDA_RUNTIME = 0.6 * GiB  # the CUDA context and kernels, outside PyTorch's allocator
+CUDA_RUNTIME = 0.75 * GiB  # the CUDA context and kernels, outside PyTorch's allocator (771 MB measured, H200)
 CUDA_SLACK = 0.05  # PyTorch's caching allocator: blocks that are reserved but not in use
+# bitsandbytes de-quantizes each layer's weights into temporaries of many sizes, and 8-bit also keeps int8
+# copies of the activations: reserved-but-idle and extra memory, as a multiple of the activations (measured
+# once, H200, 1.7B model: reserved 1.3 times allocated for 4-bit, 1.4 for 8-bit).
+QLORA_CUDA_SLACK = {4: 0.45, 8: 1.3}
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,9 @@ class Plan:
     virtual_tokens: int = 20
     """prompt / prefix tuning: learned positions."""
     bf16_frozen_weights: bool = True
+    optimizer: str = "adamw"
+    """train.optimizer: what the optimizer keeps per trained weight (and, for badam, how many train at once)."""
+    galore_rank: int = 128
     labelled_share: float = 1.0
     """Share of tokens that carry a label (the LM head runs only there); 1.0 is the worst case."""
 
@@ -224,6 +235,8 @@ class MemoryEstimate:
                   "full": "full fine-tuning", "freeze": f"freeze (last {p.trainable_layers} layers train)",
                   "ia3": "IA3", "oft": f"OFT (blocks of {p.block_size})",
                   "adapter": f"LLaMA-Adapter ({p.adapter_layers} layers × {p.adapter_len} prompts)",
+                  "adapter_v2": f"LLaMA-Adapter v2 ({p.adapter_layers} layers × {p.adapter_len} prompts, "
+                                "scales, biases and norms)",
                   "prompt": f"prompt tuning ({p.virtual_tokens} virtual tokens)",
                   "prefix": f"prefix tuning ({p.virtual_tokens} virtual tokens)",
                   "boft": f"BOFT (blocks of {p.block_size})"}[p.method]
@@ -274,11 +287,14 @@ def trainable_params(plan: Plan) -> int:
         return plan.virtual_tokens * h
     if plan.method == "prefix":  # a key and a value per virtual token in every layer
         return plan.virtual_tokens * s.layers * 2 * kv
+    prompts = min(plan.adapter_layers, s.layers) * (plan.adapter_len * h + 1)
     if plan.method == "adapter":  # the prompt vectors and a gate per adapted layer
-        return min(plan.adapter_layers, s.layers) * (plan.adapter_len * h + 1)
+        return prompts
     if plan.method == "ia3":  # a vector per key and value output, and one per MLP-down input
         return s.layers * (2 * kv + i)
     shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of a layer's linears
+    if plan.method == "adapter_v2":  # the prompts, a scale and a bias per linear output, two norms a layer + final
+        return prompts + s.layers * 2 * sum(n_out for _, n_out in shapes) + (2 * s.layers + 1) * h
     b = plan.block_size
     if plan.method == "oft":  # a skew-symmetric block (its upper triangle) per block of inputs
         return s.layers * sum(n_in // b * b * (b - 1) // 2 for n_in, _ in shapes)
@@ -290,7 +306,8 @@ def trainable_params(plan: Plan) -> int:
 def layer_activation_bytes(plan: Plan) -> float:
     """Bytes autograd keeps per token for one decoder layer."""
     s = plan.shape
-    c_h, c_i, c_q, c_kv, c_heads, c_r = LAYER_BYTES[(plan.adapter, plan.precision)]
+    c_h, c_i, c_q, c_kv, c_heads, c_r = (ADAPTER_V2_BYTES[plan.precision] if plan.method == "adapter_v2" else
+                                         LAYER_BYTES[(plan.adapter, plan.precision)])
     lora = c_r * plan.lora_r * (1 if plan.lora_targets == "all-linear" else len(plan.lora_targets) / 7)
     return (c_h * s.hidden + c_i * s.intermediate + c_q * s.heads * s.head_dim + c_kv * s.kv_heads * s.head_dim
             + c_heads * s.heads + (lora if plan.adapter else 0))
@@ -300,7 +317,8 @@ def activation_bytes(plan: Plan, checkpointing: bool) -> float:
     """What a micro-batch's forward pass keeps for the backward pass, plus the LM head's backward peak."""
     s, tokens = plan.shape, plan.tokens
     layer = layer_activation_bytes(plan)
-    # Frozen layers below the first trainable one need no backward pass, so they keep nothing.
+    # Frozen layers below the first trainable one need no backward pass, so they keep nothing (adapter_v2
+    # trains scales and norms in every layer, so all layers keep theirs).
     kept = (min(plan.trainable_layers, s.layers) if plan.method == "freeze" else
             min(plan.adapter_layers, s.layers) if plan.method == "adapter" else s.layers)
     factor = WORKING_FACTOR[(plan.device, plan.adapter)]
@@ -350,10 +368,10 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
     if copies:
         parts.append(Part("bf16 weight copies", copies, "autocast's bf16 copies of fp32 weights, kept for backward"))
 
-    grads = trainable * 4
-    parts.append(Part("gradients", grads, "fp32, one per trainable parameter"))
-    states = trainable * 8
-    parts.append(Part("optimizer states", states, "AdamW: two fp32 moments per trainable parameter"))
+    grads, states, state_note = optimizer_memory(plan, trainable)
+    parts.append(Part("gradients", grads, "fp32, one per trainable parameter"
+                      + (" of the active block (one layer)" if plan.optimizer == "badam" else "")))
+    parts.append(Part("optimizer states", states, state_note))
 
     acts = activation_bytes(plan, plan.gradient_checkpointing)
     other = activation_bytes(plan, not plan.gradient_checkpointing)
@@ -364,6 +382,8 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
     if plan.method == "qlora":
         runtime += 2 * max(s.hidden * s.intermediate, s.vocab * s.hidden if not s.tied else 0)  # one de-quantized layer
     slack = CUDA_SLACK * (acts + copies) if plan.device == "cuda" else 0.0
+    if plan.device == "cuda" and plan.method == "qlora":
+        slack += QLORA_CUDA_SLACK[plan.bits] * acts
     parts.append(Part("overhead", runtime + slack, "runtime (Python, PyTorch, CUDA context) and allocator slack"))
 
     # The forward/backward peak holds everything but the gradients, which grow as activations are freed
@@ -377,6 +397,41 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
     if suggest and plan.device_memory is not None and peak > plan.device_memory:
         estimate.suggestions = fit_suggestions(plan, offer_qlora)
     return estimate
+
+
+def layer_matrices(shape: ModelShape) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linear weights."""
+    q, kv, h, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.hidden, shape.intermediate
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def optimizer_memory(plan: Plan, trainable: int) -> tuple[float, float, str]:
+    """(gradient bytes, optimizer-state bytes, what the states are) for train.optimizer."""
+    s, opt = plan.shape, plan.optimizer
+    if opt == "badam":  # one decoder layer trains at a time; the rest of the model is frozen meanwhile
+        layer = s.layer_params()
+        return layer * 4.0, layer * 8.0, "BAdam: AdamW's two fp32 moments for the active layer only"
+    if opt.startswith("galore") and plan.method in ("full", "freeze"):
+        layers = s.layers if plan.method == "full" else min(plan.trainable_layers, s.layers)
+        r = plan.galore_rank
+        # Each layer matrix keeps its moments at rank r along its longer side, plus the r × shorter projection.
+        projected = sum(min(r, n_in, n_out) * max(n_in, n_out) for n_in, n_out in layer_matrices(s)) * layers
+        projections = sum(min(r, n_in, n_out) * min(n_in, n_out) for n_in, n_out in layer_matrices(s)) * layers
+        rest = trainable - layers * sum(n_in * n_out for n_in, n_out in layer_matrices(s))
+        per = {"galore": 8.0, "galore_8bit": 2.0, "galore_adafactor": 4.0}[opt]
+        return (trainable * 4.0, projected * per + projections * 4.0 + rest * per,
+                f"GaLore: moments at rank {r} for the layer matrices, full for the rest")
+    if opt in ("adamw_8bit", "paged_adamw_8bit"):
+        # 8 bits per moment and an fp32 scale per block of 256; tensors under 4,096 values (norms) stay fp32.
+        norms = (2 * s.layers + 1) * s.hidden if plan.method == "full" else (
+            2 * min(plan.trainable_layers, s.layers) * s.hidden if plan.method == "freeze" else 0)
+        return (trainable * 4.0, (trainable - norms) * (2 + 8 / 256) + norms * 8.0,
+                "8-bit AdamW: two 8-bit moments per trainable parameter" + (" (pageable)" if "paged" in opt else ""))
+    per, note = {"adamw": (8.0, "AdamW: two fp32 moments per trainable parameter"),
+                 "sgd": (4.0, "SGD: one fp32 momentum per trainable parameter"),
+                 "adafactor": (0.1, "Adafactor: row and column averages (at most about 0.1 byte per parameter)")
+                 }.get(opt, (8.0, "AdamW: two fp32 moments per trainable parameter"))
+    return trainable * 4.0, trainable * per, note
 
 
 def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
@@ -408,6 +463,13 @@ def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
             break
     if plan.precision == "fp32" and fits(replace(plan, precision="bf16")):
         out.append("train.precision: bf16 (where the device supports it)")
+    if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
+        for optimizer, label in (("adamw_8bit", "8-bit optimizer states, a quarter of AdamW's"),
+                                 ("galore", "optimizer states at low rank"),
+                                 ("badam", "one layer trains at a time")):
+            if fits(replace(plan, optimizer=optimizer)):
+                out.append(f"train.optimizer: {optimizer} ({label})")
+                break
     if plan.method in ("full", "freeze") and fits(replace(plan, method="lora")):
         out.append("method.name: lora (trains ~1 % of the weights, usually close in quality)")
     if offer_qlora and plan.method != "qlora" and fits(replace(plan, method="qlora", precision="bf16")):
@@ -435,7 +497,7 @@ def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
 def estimate_command(*, model: str | None, params: float | None, method: str, precision: str, micro_batch: int,
                      seq: int, device_memory: str | None, device: str, gradient_checkpointing: bool, lora_r: int,
                      trainable_layers: int, tokens: float | None, layers: int | None, hidden: int | None,
-                     intermediate: int | None, vocab: int | None, as_json: bool) -> str:
+                     intermediate: int | None, vocab: int | None, as_json: bool, optimizer: str = "adamw") -> str:
     """`tunesmith estimate`: the report for one plan, and the time on this machine when it is the device."""
     import json
 
@@ -448,6 +510,11 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
         raise ConfigError(f"--method {method!r}: one of full, freeze, {', '.join(ADAPTER_METHODS)}")
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision {precision!r}: bf16 or fp32")
+    from tunesmith.config import TrainConfig
+
+    optimizers = TrainConfig.model_fields["optimizer"].annotation.__args__
+    if optimizer not in optimizers:
+        raise ConfigError(f"--optimizer {optimizer!r}: one of {', '.join(optimizers)}")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: auto, cpu or cuda")
     if params is not None and params < 1e6:
@@ -462,7 +529,7 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
         raise ConfigError(f"--device-memory: {exc}") from None
     plan = Plan(shape, method, precision, micro_batch, seq, device=where,  # type: ignore[arg-type]
                 device_memory=memory, gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
-                trainable_layers=trainable_layers)
+                trainable_layers=trainable_layers, optimizer=optimizer)
     result = estimate_memory(plan)
     lines = [result.to_text()]
     if where == machine.device:

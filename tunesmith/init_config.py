@@ -24,6 +24,7 @@ METHOD_STARTS: dict[str, dict[str, Any]] = {
     "oft": {"train.lr": 1e-4},
     "boft": {"train.lr": 1e-4, "method.block_size": 8},
     "adapter": {"train.lr": 9e-3},
+    "adapter_v2": {"train.lr": 3e-3},
     "prompt": {"train.lr": 3e-2},
     "prefix": {"train.lr": 1e-2},
 }
@@ -37,8 +38,8 @@ ONLY_FOR = {"method.r": LORA, "method.alpha": LORA, "method.dropout": {"lora", "
             "method.use_rslora": LORA, "method.init": LORA, "method.lora_plus_ratio": LORA,
             "method.modules_to_save": LORA, "method.block_size": {"oft", "boft"},
             "method.trainable_layers": {"freeze"}, "method.trainable_modules": {"freeze"},
-            "method.trainable_regex": {"freeze"}, "method.adapter_layers": {"adapter"},
-            "method.adapter_len": {"adapter"}, "method.num_virtual_tokens": {"prompt", "prefix"},
+            "method.trainable_regex": {"freeze"}, "method.adapter_layers": {"adapter", "adapter_v2"},
+            "method.adapter_len": {"adapter", "adapter_v2"}, "method.num_virtual_tokens": {"prompt", "prefix"},
             "method.prompt_init_text": {"prompt"}}
 
 

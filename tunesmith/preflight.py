@@ -73,7 +73,8 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
                 trainable_layers=cfg.method.trainable_layers, block_size=cfg.method.block_size,
                 adapter_layers=cfg.method.adapter_layers, adapter_len=cfg.method.adapter_len,
                 virtual_tokens=cfg.method.num_virtual_tokens,
-                bf16_frozen_weights=cfg.train.bf16_frozen_weights,
+                bf16_frozen_weights=cfg.train.bf16_frozen_weights, optimizer=cfg.train.optimizer,
+                galore_rank=cfg.train.galore_rank,
                 labelled_share=share)
 
 
@@ -277,9 +278,9 @@ def method_fits_model(cfg: Config, shape: ModelShape | None) -> list[Finding]:
     from tunesmith.errors import ConfigError
     from tunesmith.methods.llama_adapter import check_family
 
-    if cfg.method.name == "adapter" and shape is not None:
+    if cfg.method.name in ("adapter", "adapter_v2") and shape is not None:
         try:
-            check_family(shape.family)
+            check_family(shape.family, cfg.method.name)
         except ConfigError as exc:
             return [Finding("error", "method", str(exc))]
         if cfg.method.adapter_layers > shape.layers:

@@ -13,9 +13,9 @@ from tunesmith.methods.peft_adapter import PeftAdapterMethod
 SUPPORTED = ("llama", "mistral", "gpt2")
 
 
-def check_family(model_type: str | None) -> None:
+def check_family(model_type: str | None, method: str = "adapter") -> None:
     if model_type not in SUPPORTED:
-        raise ConfigError(f"method adapter (LLaMA-Adapter) supports the {', '.join(SUPPORTED)} model families; "
+        raise ConfigError(f"method {method} (LLaMA-Adapter) supports the {', '.join(SUPPORTED)} model families; "
                           f"this model is '{model_type}'. Use lora (or ia3, oft) instead.")
 
 
@@ -27,7 +27,7 @@ class LlamaAdapterMethod(PeftAdapterMethod):
         from peft import AdaptionPromptConfig
 
         config = model.config
-        check_family(getattr(config, "model_type", None))
+        check_family(getattr(config, "model_type", None), self.name)
         layers = getattr(config, "num_hidden_layers", 0)
         if self.cfg.adapter_layers > layers:
             raise ConfigError(f"method.adapter_layers is {self.cfg.adapter_layers} but the model has {layers} layers")

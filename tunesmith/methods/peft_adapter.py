@@ -38,12 +38,17 @@ class PeftAdapterMethod(Method):
 
         weights = load_file(str(saved_dir / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
         result = set_peft_model_state_dict(model, weights)
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        if model.active_peft_config.is_prompt_learning:  # peft loads the prompt itself, outside load_state_dict
-            trained = {n for n in trained if not n.startswith("prompt_encoder.")}
+        trained = self.peft_trained(model)
         missing = [k for k in result.missing_keys if k in trained]
         if missing:
             raise ConfigError(f"{saved_dir}: the adapter does not fit this model (missing {missing[:3]})")
+
+    def peft_trained(self, model: nn.Module) -> set[str]:
+        """The trainable parameters that peft's adapter file must bring back (restore checks each came)."""
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        if model.active_peft_config.is_prompt_learning:  # peft loads the prompt itself, outside load_state_dict
+            trained = {n for n in trained if not n.startswith("prompt_encoder.")}
+        return trained
 
     def load(self, load_base: LoadBase, saved_dir: Path) -> nn.Module:
         from peft import PeftModel

@@ -129,9 +129,19 @@ def find_checkpoint(run_dir: Path, name: str | None = None) -> Path:
 # --------------------------------------------------------------------------- optimizer and RNG state
 
 
+PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type", "verbose")
+
+
+def _is_projector(value: Any) -> bool:
+    # galore_torch is optional: no import to save (ours subclass its projector)
+    return any(cls.__name__ == "GaLoreProjector" for cls in type(value).__mro__)
+
+
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors to safetensors, everything else to JSON; a nested slot (bitsandbytes keeps its quantized
-    state in one dict per parameter) is flattened as idx.slot.key."""
+    """Tensors to safetensors, everything else to JSON. Containers are flattened with a marker each: a nested
+    slot (bitsandbytes keeps its quantized state in one dict per parameter) as idx.slot.key, a list holding
+    tensors as idx.slot.0, idx.slot.1, and GaLore's projector (an object) as its settings plus its basis
+    (idx.projector.ortho_matrix: a tensor, or a list of two for proj_type full)."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     seen: set[int] = set()
@@ -142,10 +152,21 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
             ptr = value.untyped_storage().data_ptr()
             tensors[prefix] = value.clone() if ptr in seen else value  # bitsandbytes shares its code books
             seen.add(ptr)
+        elif _is_projector(value):
+            basis = value.ortho_matrix
+            strides = [list(m.stride()) for m in basis] if isinstance(basis, list) else (
+                list(basis.stride()) if isinstance(basis, torch.Tensor) else None)
+            scalars[prefix] = {"__nested__": ["ortho_matrix"], "strides": strides,
+                               "__galore_projector__": {key: getattr(value, key) for key in PROJECTOR_FIELDS}}
+            put(f"{prefix}.ortho_matrix", basis)
         elif isinstance(value, dict):
             scalars[prefix] = {"__nested__": sorted(value)}
             for key, inner in value.items():
                 put(f"{prefix}.{key}", inner)
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+            scalars[prefix] = {"__list__": len(value)}
+            for i, inner in enumerate(value):
+                put(f"{prefix}.{i}", inner)
         else:
             scalars[prefix] = value
 
@@ -155,19 +176,49 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _strided(tensor: torch.Tensor, strides: list[int] | None) -> torch.Tensor:
+    """`tensor` laid out in memory with `strides` (safetensors stores it contiguous)."""
+    if strides is None or list(tensor.stride()) == strides:
+        return tensor
+    return torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+
+
+def _projector(settings: dict[str, Any], ortho_matrix: Any, strides: Any) -> Any:
+    """GaLore's projector back, its basis in the memory layout the SVD gave it: a matrix product reads a
+    transposed layout in another order, and the resumed run would differ in the last bits."""
+    from tunesmith.training.galore import CompactProjector
+
+    if isinstance(ortho_matrix, list):
+        ortho_matrix = [_strided(m, st) for m, st in zip(ortho_matrix, strides or [None] * len(ortho_matrix))]
+    elif isinstance(ortho_matrix, torch.Tensor):
+        ortho_matrix = _strided(ortho_matrix, strides)
+    projector = CompactProjector(settings["rank"], verbose=settings["verbose"],
+                                 update_proj_gap=settings["update_proj_gap"], scale=settings["scale"],
+                                 proj_type=settings["proj_type"])
+    projector.ortho_matrix = ortho_matrix
+    return projector
+
+
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {**tensors, **meta["scalars"]}
-    nested = {key for key, value in flat.items() if isinstance(value, dict) and "__nested__" in value}
+    containers = {key for key, value in flat.items()
+                  if isinstance(value, dict) and ("__nested__" in value or "__list__" in value)}
 
     def get(prefix: str) -> Any:
-        if prefix in nested:
-            return {key: get(f"{prefix}.{key}") for key in flat[prefix]["__nested__"]}
-        return flat[prefix]
+        if prefix not in containers:
+            return flat[prefix]
+        marker = flat[prefix]
+        if "__list__" in marker:
+            return [get(f"{prefix}.{i}") for i in range(marker["__list__"])]
+        inner = {key: get(f"{prefix}.{key}") for key in marker["__nested__"]}
+        if "__galore_projector__" in marker:
+            return _projector(marker["__galore_projector__"], inner["ortho_matrix"], marker.get("strides"))
+        return inner
 
     state: dict[int, dict[str, Any]] = {}
     for prefix in flat:
-        if prefix.rsplit(".", 1)[0] in nested:
-            continue  # read with its slot
+        if prefix.rsplit(".", 1)[0] in containers:
+            continue  # read with its container
         idx, key = prefix.split(".", 1)
         state.setdefault(int(idx), {})[key] = get(prefix)
     return {"state": state, "param_groups": meta["param_groups"]}
@@ -280,6 +331,7 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.optimizer": cfg.train.optimizer,
+        **optimizer_settings(cfg.train),
         "train.seed": cfg.train.seed,
         "train.group_by_length": cfg.train.group_by_length,
         "data.seed": cfg.data.seed,
@@ -287,6 +339,14 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
         "data.template": cfg.data.template,
         **{f"data.{k} (sha256)": v for k, v in data_hashes.items()},
     }
+
+
+def optimizer_settings(tc) -> dict[str, Any]:
+    """The settings of GaLore or BAdam, which decide what the optimizer state means (none for the others, so
+    checkpoints from before these optimizers still resume)."""
+    prefix = "galore_" if tc.optimizer.startswith("galore") else "badam_" if tc.optimizer == "badam" else None
+    return {f"train.{key}": value for key, value in tc.model_dump(mode="json").items()
+            if prefix and key.startswith(prefix)}
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], force: bool) -> list[str]:

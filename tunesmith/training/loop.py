@@ -31,6 +31,7 @@ from tunesmith.models import load_causal_lm, load_tokenizer, resolve
 from tunesmith.preflight import check_before_training
 from tunesmith.run_dir import is_run_dir, prepare_run_dir, update_run_info, write_json
 from tunesmith.training.batching import RowStream, micro_batches
+from tunesmith.training.block_coordinate import BlockAdamW, trainable_as_built
 from tunesmith.training.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
                                            load_checkpoint, read_state, save_checkpoint, sha256_file)
 from tunesmith.training.interrupts import EXIT_CODES, StopOnSignal
@@ -221,7 +222,7 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     log(f"method {method.name}: {describe_counts(model)}")
 
     steps = total_steps(cfg, len(data.train))
-    optimizer = build_optimizer(params, tc, method.lr_multiplier)
+    optimizer = build_optimizer(params, tc, method.lr_multiplier, model, log)
     scheduler = build_scheduler(optimizer, steps, tc)
     rows_per_step = tc.micro_batch_size * tc.grad_accum_steps
     stream = RowStream(len(data.train), tc.seed, lengths=data.train_lengths if tc.group_by_length else None,
@@ -250,9 +251,10 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
         f"on {device.type} in {precision}; run dir {run_dir}")
 
     def checkpoint_now(step: int) -> Path:
-        return save_checkpoint(run_dir, step, method, model, optimizer, scheduler, {
-            "data_position": stream.position, "epoch": stream.epoch, "micro_batch_size": micro,
-            "skipped_steps": skipped, "fingerprint": identity}, cfg.checkpoint.keep_last)
+        with trainable_as_built(optimizer):  # BAdam: the method saves every layer, not only the active one
+            return save_checkpoint(run_dir, step, method, model, optimizer, scheduler, {
+                "data_position": stream.position, "epoch": stream.epoch, "micro_batch_size": micro,
+                "skipped_steps": skipped, "fingerprint": identity}, cfg.checkpoint.keep_last)
 
     metrics = MetricsLog(run_dir, purge_step=start + 1 if resume else None)
     pad_id = tokenizer.pad_token_id
@@ -263,6 +265,8 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
         with StopOnSignal() as signals:
             for step in range(start + 1, steps + 1):
                 t0 = time.perf_counter()
+                if isinstance(optimizer, BlockAdamW):
+                    optimizer.begin_step(step)  # BAdam: the block this step trains (a function of the step)
                 rows = [data.train[i] for i in stream.take(rows_per_step)]
                 loss, micro = accumulate_gradients(model, rows, micro, pad_id, device, precision,
                                                    tc.auto_micro_batch, bar.write, packed,
@@ -325,7 +329,8 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
         metrics.close()
 
     # ---- outputs: final weights/adapter, loss curve, status
-    save_final(method, model, run_dir)
+    with trainable_as_built(optimizer):
+        save_final(method, model, run_dir)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     update_run_info(run_dir, status="complete", steps=steps, skipped_steps=skipped,
                     train_time_s=round(time.perf_counter() - started, 1), device=device.type, precision=precision)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -11,22 +11,52 @@ from tunesmith.config import TrainConfig
 
 
 def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float,
-                 lr_multiplier: Callable[[str], float] = lambda _: 1.0) -> list[dict]:
+                 lr_multiplier: Callable[[str], float] = lambda _: 1.0, projected: Collection[str] = (),
+                 projection: dict | None = None) -> list[dict]:
     """Weight decay shrinks matrices toward zero; on norms and biases it only hurts, so they are exempt.
-    A method may give some parameters a higher learning rate (LoRA+): they get groups of their own, after
-    the two plain ones (which are always there, so checkpoints keep one layout)."""
-    groups: dict[tuple[float, bool], list] = {(1.0, False): [], (1.0, True): []}
+    A method may give some parameters a higher learning rate (LoRA+), and GaLore projects some weight matrices
+    (`projected`, by name; their groups carry `projection`, the settings galore_torch reads from a group):
+    these get groups of their own, after the two plain ones (which are always there, so checkpoints keep
+    one layout)."""
+    groups: dict[tuple[float, bool, bool], list] = {(1.0, False, False): [], (1.0, True, False): []}
     for name, p in named_params:
         exempt = p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
-        groups.setdefault((lr_multiplier(name), exempt), []).append(p)
-    return [{"params": ps, "weight_decay": 0.0 if exempt else weight_decay, "lr": lr * scale}
-            for (scale, exempt), ps in groups.items()]
+        groups.setdefault((lr_multiplier(name), exempt, name in projected), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if exempt else weight_decay, "lr": lr * scale,
+             **(projection if low_rank and projection else {})}
+            for (scale, exempt, low_rank), ps in groups.items()]
 
 
-def build_optimizer(named_params, cfg: TrainConfig, lr_multiplier: Callable[[str], float] = lambda _: 1.0
-                    ) -> torch.optim.Optimizer:
-    """train.optimizer over the parameter groups; each a well-kept implementation, not ours."""
-    groups = param_groups(named_params, cfg.weight_decay, cfg.lr, lr_multiplier)
+def decoder_layers_of(model: torch.nn.Module, optimizer: str) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers, which GaLore projects and BAdam takes in turns."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.methods.freeze import decoder_layers
+
+    try:
+        return decoder_layers(model)
+    except ConfigError:
+        raise ConfigError(f"train.optimizer {optimizer}: could not find the model's decoder layers") from None
+
+
+def build_optimizer(named_params, cfg: TrainConfig, lr_multiplier: Callable[[str], float] = lambda _: 1.0,
+                    model: torch.nn.Module | None = None, log=print) -> torch.optim.Optimizer:
+    """train.optimizer over the parameter groups; each a well-kept implementation, except BAdam's few lines.
+    GaLore and BAdam work on the model's decoder layers, so they need `model`."""
+    if (cfg.optimizer.startswith("galore") or cfg.optimizer == "badam") and model is None:
+        raise ValueError(f"optimizer {cfg.optimizer} needs the model (its decoder layers)")
+    if cfg.optimizer == "badam":
+        from tunesmith.training.block_coordinate import build_block_adamw
+
+        return build_block_adamw(model, named_params, cfg, lr_multiplier, log)
+    projected, projection = set(), None
+    if cfg.optimizer.startswith("galore"):
+        from tunesmith.training.galore import describe, projected_names
+
+        projected = projected_names(model, named_params)
+        projection = {"rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_interval,
+                      "scale": cfg.galore_scale, "proj_type": cfg.galore_proj_type}
+        log(describe(named_params, projected, cfg.galore_rank, cfg.galore_update_interval))
+    groups = param_groups(named_params, cfg.weight_decay, cfg.lr, lr_multiplier, projected, projection)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
@@ -34,11 +64,22 @@ def build_optimizer(named_params, cfg: TrainConfig, lr_multiplier: Callable[[str
 
         cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
         return cls(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-    if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+    if cfg.optimizer in ("adafactor", "galore_adafactor"):
+        if cfg.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+        else:
+            from tunesmith.training.galore import GaLoreAdafactor as Adafactor
 
         # train.lr and the schedule drive it, as for the others (not Adafactor's own relative step size).
         return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.optimizer == "galore":
+        from tunesmith.training.galore import GaLoreAdamW
+
+        return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, no_deprecation_warning=True)
+    if cfg.optimizer == "galore_8bit":
+        from tunesmith.training.galore import GaLoreAdamW8bit
+
+        return GaLoreAdamW8bit(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise ValueError(f"unknown optimizer {cfg.optimizer}")
