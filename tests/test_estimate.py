@@ -216,7 +216,8 @@ def test_estimate_command(tiny_model_dir):
     assert done.returncode == 2 and "either --model" in done.stderr
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "galore", "badam"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "sgd", "galore", "galore_8bit", "galore_adafactor",
+                                       "badam"])
 def test_optimizer_state_bytes_are_what_the_optimizer_keeps(optimizer):
     """After one step, the bytes in the real optimizer's state (GaLore's projections included) are the estimate's."""
     from tunesmith.estimate import ModelShape, optimizer_memory
@@ -249,3 +250,14 @@ def test_optimizer_state_bytes_are_what_the_optimizer_keeps(optimizer):
     plan = Plan(shape, method="full", optimizer=optimizer, galore_rank=16)
     _, states, _ = optimizer_memory(plan, trainable_params(plan))
     assert states == pytest.approx(real, rel=0.005)  # 8-bit: plus its two code books (2 KiB)
+
+
+def test_estimate_refuses_an_optimizer_the_method_cannot_use():
+    from tunesmith.errors import ConfigError
+    from tunesmith.estimate import estimate_command
+
+    with pytest.raises(ConfigError, match="train.optimizer badam works on the model's own weights"):
+        estimate_command(model=None, params=7e9, method="lora", precision="bf16", micro_batch=1, seq=512,
+                         device_memory="24GB", device="cuda", gradient_checkpointing=False, lora_r=8,
+                         trainable_layers=2, tokens=None, layers=None, hidden=None, intermediate=None, vocab=None,
+                         as_json=False, optimizer="badam")

@@ -67,10 +67,12 @@ def test_the_saved_adapter_is_an_ordinary_lora_on_the_original_weights(tmp_path,
     torch.testing.assert_close(logits(fresh, IDS), want)
 
 
-def test_a_pissa_run_resumes_exactly_and_its_run_dir_loads(make_config, tmp_path):
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_run_resumes_exactly_and_its_run_dir_loads(make_config, tmp_path, init):
     from tunesmith.run_dir import load_for_inference
 
-    method = {"name": "lora", "r": 4, "init": "pissa"}
+    # Dropout draws from the RNG: a checkpoint's conversion of the adapter must not move it.
+    method = {"name": "lora", "r": 4, "init": init, "dropout": 0.1}
     whole = train(make_config(method=method, output={"dir": str(tmp_path / "whole")}, **RESUMABLE), log=quiet)
     cfg = make_config(method=method, output={"dir": str(tmp_path / "split")}, **RESUMABLE)
     with pytest.raises(TrainingStopped):
@@ -115,7 +117,7 @@ def test_loftq_starts_qlora_closer_to_the_full_precision_model(tiny64_dir):
 def test_loftq_needs_the_base_as_safetensors(tmp_path):
     method = get_method(MethodConfig(name="qlora", r=4, init="loftq"))
     model = build_tiny_model(300)  # built in memory: no weights file to read the full-precision weights from
-    with pytest.raises(ConfigError, match="loftq"):
+    with pytest.raises(ConfigError, match="loftq reads the full-precision weights from the model's safetensors"):
         method.build(model)
 
 
@@ -124,6 +126,7 @@ def test_loftq_needs_the_base_as_safetensors(tmp_path):
     ({"name": "lora", "init": "loftq"}, "qlora with bits 4"),
     ({"name": "qlora", "bits": 8, "init": "loftq"}, "qlora with bits 4"),
     ({"name": "lora", "init": "olora", "use_dora": True}, "use_dora"),
+    ({"name": "lora", "init": "pissa", "modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
 def test_inits_that_do_not_apply_fail_at_config_validation(method, message):
     with pytest.raises(ConfigError, match=message):

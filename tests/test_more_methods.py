@@ -169,8 +169,8 @@ def tiny64_dir(tmp_path_factory):
 def load_quantized(path, method):
     from tunesmith.models import ModelSource, load_causal_lm
 
-    return lambda quantized=True: load_causal_lm(ModelSource(str(path)),
-                                                 **(method.load_kwargs(torch.device("cpu")) if quantized else {}))
+    return lambda quantized=True, on=None: load_causal_lm(
+        ModelSource(str(path)), **(method.load_kwargs(on or torch.device("cpu")) if quantized else {}))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -261,7 +261,8 @@ def test_llama_adapter_trains_gated_prompts_in_the_top_layers(tmp_path):
     assert_round_trip_that_cannot_merge(method, model, tmp_path)
 
 
-def test_llama_adapter_on_an_unsupported_family_fails_before_training(make_config, tmp_path):
+@pytest.mark.parametrize("name", ["adapter", "adapter_v2"])
+def test_llama_adapter_on_an_unsupported_family_fails_before_training(make_config, tmp_path, name):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from conftest import build_tiny_tokenizer
@@ -273,12 +274,13 @@ def test_llama_adapter_on_an_unsupported_family_fails_before_training(make_confi
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    cfg = make_config(model={"name_or_path": str(path)}, method={"name": "adapter", "adapter_layers": 1},
+    cfg = make_config(model={"name_or_path": str(path)}, method={"name": name, "adapter_layers": 1},
                       output={"dir": str(tmp_path / "run")})
     lines: list[str] = []
     with pytest.raises(TunesmithError, match="pre-flight checks found 1 error"):
         train(cfg, log=lines.append)
-    assert any("supports the llama, mistral, gpt2 model families; this model is 'qwen2'" in line for line in lines)
+    assert any(f"method {name} (LLaMA-Adapter) supports the llama, mistral, gpt2 model families; this model is "
+               "'qwen2'" in line for line in lines)
     assert not (tmp_path / "run").exists()
 
 

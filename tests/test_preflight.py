@@ -204,3 +204,16 @@ def test_doctor_command_with_a_config(make_config, tmp_path):
     assert "ready to train" in done.stdout
     done = run_cli("doctor", str(path), "--train.lr=1e-8", "--data.max_seq_length=4")
     assert done.returncode == 2 and "data.max_seq_length" in done.stderr  # config errors still come first
+
+
+def test_badam_warns_when_the_run_is_too_short_for_every_layer_to_train(make_config):
+    """The tiny model has 2 layers: 5 steps of 4 per block give one layer a turn; 8 steps give both."""
+    def turns(steps: int):
+        cfg = make_config(unique_rows(100), method={"name": "full"},
+                          train={"max_steps": steps, "optimizer": "badam", "badam_switch_every": 4})
+        return by_topic(findings_for(cfg), "train.badam_switch_every")
+
+    short = turns(3)
+    assert short and short[0].severity == "warning" and "only 1 of them will train" in short[0].message
+    assert short[0].suggestion.startswith("train.badam_switch_every: 1")
+    assert turns(8) == []

@@ -123,6 +123,9 @@ class MethodConfig(Section):
                              "the 4-bit quantization error")
         if self.init in ("pissa", "olora", "loftq") and self.use_dora:
             raise ValueError(f"method.init {self.init} cannot be combined with use_dora")
+        if self.init in ("pissa", "olora") and self.modules_to_save:
+            raise ValueError(f"method.init {self.init} cannot be combined with modules_to_save (the adapter saved "
+                             "for the original weights would leave those modules out)")
         return self
 
     @field_validator("trainable_regex")
@@ -247,10 +250,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _optimizer_fits_method(self) -> "Config":
-        opt = self.train.optimizer
-        if (opt.startswith("galore") or opt == "badam") and self.method.name not in ("full", "freeze"):
-            raise ValueError(f"train.optimizer {opt} works on the model's own weights, so it needs method.name "
-                             f"full or freeze (it is {self.method.name}); adapters are small enough for adamw")
+        problem = optimizer_method_problem(self.train.optimizer, self.method.name)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +260,14 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def optimizer_method_problem(optimizer: str, method: str) -> str | None:
+    """Why train.optimizer cannot go with method.name, or None."""
+    if (optimizer.startswith("galore") or optimizer == "badam") and method not in ("full", "freeze"):
+        return (f"train.optimizer {optimizer} works on the model's own weights, so it needs method.name full or "
+                f"freeze (it is {method}); adapters are small enough for adamw")
+    return None
 
 
 # --------------------------------------------------------------------------- loading

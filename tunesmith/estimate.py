@@ -90,12 +90,16 @@ class ModelShape:
         """Weights of the decoder's linear layers (everything but the embedding, the head and the norms)."""
         return max(self.params - self.embedding - self.head - self.layers * 2 * self.hidden - self.hidden, 0)
 
-    def lora_params(self, r: int, targets: str | list[str] = "all-linear") -> int:
+    def matrices(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of one decoder layer's linear weights, by module name."""
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        sizes = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
-                 "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_params(self, r: int, targets: str | list[str] = "all-linear") -> int:
+        sizes = self.matrices()
         names = list(sizes) if targets == "all-linear" else [t for t in targets if t in sizes]
-        return self.layers * r * sum(sizes[n] for n in names)
+        return self.layers * r * sum(sum(sizes[n]) for n in names)
 
     def layer_params(self) -> int:
         return self.linear // max(self.layers, 1) + 2 * self.hidden
@@ -282,7 +286,7 @@ def trainable_params(plan: Plan) -> int:
         return s.params
     if plan.method == "freeze":
         return min(plan.trainable_layers, s.layers) * s.layer_params()
-    q, kv, h, i = s.heads * s.head_dim, s.kv_heads * s.head_dim, s.hidden, s.intermediate
+    kv, h, i = s.kv_heads * s.head_dim, s.hidden, s.intermediate
     if plan.method == "prompt":  # one embedding per virtual token
         return plan.virtual_tokens * h
     if plan.method == "prefix":  # a key and a value per virtual token in every layer
@@ -292,7 +296,7 @@ def trainable_params(plan: Plan) -> int:
         return prompts
     if plan.method == "ia3":  # a vector per key and value output, and one per MLP-down input
         return s.layers * (2 * kv + i)
-    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]  # (in, out) of a layer's linears
+    shapes = s.matrices().values()
     if plan.method == "adapter_v2":  # the prompts, a scale and a bias per linear output, two norms a layer + final
         return prompts + s.layers * 2 * sum(n_out for _, n_out in shapes) + (2 * s.layers + 1) * h
     b = plan.block_size
@@ -399,10 +403,10 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
     return estimate
 
 
-def layer_matrices(shape: ModelShape) -> list[tuple[int, int]]:
-    """(in, out) of one decoder layer's linear weights."""
-    q, kv, h, i = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.hidden, shape.intermediate
-    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+def adam_state_bytes(values: float, eight_bit: bool) -> float:
+    """AdamW's two moments for a tensor of `values`: 8-bit ones keep an fp32 scale per block of 256, and
+    tensors under 4,096 values stay fp32 (bitsandbytes' rule)."""
+    return values * (2 + 8 / 256 if eight_bit and values >= 4096 else 8.0)
 
 
 def optimizer_memory(plan: Plan, trainable: int) -> tuple[float, float, str]:
@@ -411,24 +415,28 @@ def optimizer_memory(plan: Plan, trainable: int) -> tuple[float, float, str]:
     if opt == "badam":  # one decoder layer trains at a time; the rest of the model is frozen meanwhile
         layer = s.layer_params()
         return layer * 4.0, layer * 8.0, "BAdam: AdamW's two fp32 moments for the active layer only"
-    if opt.startswith("galore") and plan.method in ("full", "freeze"):
-        layers = s.layers if plan.method == "full" else min(plan.trainable_layers, s.layers)
+    layers = {"full": s.layers, "freeze": min(plan.trainable_layers, s.layers)}.get(plan.method, 0)
+    norms = 2 * layers * s.hidden + (s.hidden if plan.method == "full" else 0)  # vectors: always fp32 moments
+    eight_bit = opt in ("adamw_8bit", "paged_adamw_8bit", "galore_8bit")
+    if opt.startswith("galore") and layers:
         r = plan.galore_rank
         # Each layer matrix keeps its moments at rank r along its longer side, plus the r × shorter projection.
-        projected = sum(min(r, n_in, n_out) * max(n_in, n_out) for n_in, n_out in layer_matrices(s)) * layers
-        projections = sum(min(r, n_in, n_out) * min(n_in, n_out) for n_in, n_out in layer_matrices(s)) * layers
-        rest = trainable - layers * sum(n_in * n_out for n_in, n_out in layer_matrices(s))
-        per = {"galore": 8.0, "galore_8bit": 2.0, "galore_adafactor": 4.0}[opt]
-        return (trainable * 4.0, projected * per + projections * 4.0 + rest * per,
+        mats = [(min(r, n_in, n_out), min(n_in, n_out), max(n_in, n_out)) for n_in, n_out in s.matrices().values()]
+        projections = sum(rank * short for rank, short, _ in mats) * layers * 4.0
+        rest = trainable - layers * sum(short * long for _, short, long in mats) - norms  # embeddings, head
+        if opt == "galore_adafactor":  # row and column averages of each matrix, full averages of vectors
+            factored = sum(rank + long for rank, _, long in mats) * layers
+            embeddings = (s.vocab + s.hidden) * (1 if s.tied else 2) if rest else 0
+            states = (factored + embeddings + norms) * 4.0
+        else:
+            states = (sum(adam_state_bytes(rank * long, eight_bit) for rank, _, long in mats) * layers
+                      + adam_state_bytes(rest, eight_bit) + norms * 8.0)
+        return (trainable * 4.0, states + projections,
                 f"GaLore: moments at rank {r} for the layer matrices, full for the rest")
-    if opt in ("adamw_8bit", "paged_adamw_8bit"):
-        # 8 bits per moment and an fp32 scale per block of 256; tensors under 4,096 values (norms) stay fp32.
-        norms = (2 * s.layers + 1) * s.hidden if plan.method == "full" else (
-            2 * min(plan.trainable_layers, s.layers) * s.hidden if plan.method == "freeze" else 0)
-        return (trainable * 4.0, (trainable - norms) * (2 + 8 / 256) + norms * 8.0,
+    if eight_bit:
+        return (trainable * 4.0, adam_state_bytes(trainable - norms, True) + norms * 8.0,
                 "8-bit AdamW: two 8-bit moments per trainable parameter" + (" (pageable)" if "paged" in opt else ""))
-    per, note = {"adamw": (8.0, "AdamW: two fp32 moments per trainable parameter"),
-                 "sgd": (4.0, "SGD: one fp32 momentum per trainable parameter"),
+    per, note = {"sgd": (4.0, "SGD: one fp32 momentum per trainable parameter"),
                  "adafactor": (0.1, "Adafactor: row and column averages (at most about 0.1 byte per parameter)")
                  }.get(opt, (8.0, "AdamW: two fp32 moments per trainable parameter"))
     return trainable * 4.0, trainable * per, note
@@ -510,11 +518,13 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
         raise ConfigError(f"--method {method!r}: one of full, freeze, {', '.join(ADAPTER_METHODS)}")
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision {precision!r}: bf16 or fp32")
-    from tunesmith.config import TrainConfig
+    from tunesmith.config import TrainConfig, optimizer_method_problem
 
     optimizers = TrainConfig.model_fields["optimizer"].annotation.__args__
     if optimizer not in optimizers:
         raise ConfigError(f"--optimizer {optimizer!r}: one of {', '.join(optimizers)}")
+    if optimizer_method_problem(optimizer, method):
+        raise ConfigError(optimizer_method_problem(optimizer, method))
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: auto, cpu or cuda")
     if params is not None and params < 1e6:

@@ -289,6 +289,22 @@ def method_fits_model(cfg: Config, shape: ModelShape | None) -> list[Finding]:
     return []
 
 
+def block_turns(cfg: Config, steps: int, shape: ModelShape | None) -> list[Finding]:
+    """BAdam trains one layer at a time: a run shorter than a round leaves some layers untrained."""
+    if cfg.train.optimizer != "badam" or shape is None:
+        return []
+    layers = shape.layers if cfg.method.name == "full" else min(cfg.method.trainable_layers, shape.layers)
+    every = cfg.train.badam_switch_every
+    if steps >= layers * every:
+        return []
+    turns = -(-steps // every)
+    return [Finding("warning", "train.badam_switch_every",
+                    f"badam gives each of {layers} layers {every} steps in turn, but the run has {steps} steps: only "
+                    f"{turns} of them will train",
+                    f"train.badam_switch_every: {max(steps // max(layers, 1), 1)} (every layer gets a turn), or "
+                    "more steps")]
+
+
 def device_support(cfg: Config, machine: Machine) -> list[Finding]:
     out = []
     tc = cfg.train
@@ -357,7 +373,8 @@ def check_config(cfg: Config, report: DataReport, shape: ModelShape | None, mach
     return [*method_fits_model(cfg, shape), *steps_and_batch(cfg, n_train), *run_time(steps, report, cfg, speed),
             *overfitting(cfg, n_train, steps),
             *intervals(cfg, steps, report, speed, trainable), *ranges(cfg),
-            *lengths(cfg, report, shape), *splits(cfg, report), *device_support(cfg, machine),
+            *lengths(cfg, report, shape), *splits(cfg, report), *block_turns(cfg, steps, shape),
+            *device_support(cfg, machine),
             *(memory(cfg, plan) if plan else [Finding("info", "memory", "not estimated: the model's shape could "
                                                       "not be read from its config")])]
 

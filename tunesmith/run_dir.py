@@ -106,8 +106,8 @@ def load_for_inference(run_or_model: str | Path, checkpoint: str | None = None) 
     method = get_method(cfg.method)
     device = pick_device("auto") if method.quantized else torch.device("cpu")
 
-    def load_base(quantized: bool = True):
-        extra = method.load_kwargs(device) if quantized else {}
+    def load_base(quantized: bool = True, on: torch.device | None = None):
+        extra = method.load_kwargs(on or device) if quantized else {}
         return load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, **extra)
 
     model = method.load(load_base, weights)

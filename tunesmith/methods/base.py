@@ -13,7 +13,8 @@ import torch.nn as nn
 from tunesmith.config import MethodConfig
 
 LoadBase = Callable[..., nn.Module]
-"""Loads the base model; QLoRA's merge calls it with quantized=False for the full-precision weights."""
+"""Loads the base model: load_base(quantized=True, on=None); QLoRA's merge asks for the quantized base on the
+CPU (on=torch.device("cpu")), where de-quantizing to full precision does not need the GPU's memory."""
 
 
 class Method(ABC):

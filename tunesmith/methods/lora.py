@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from tunesmith.methods.peft_adapter import PeftAdapterMethod, default_targets
@@ -60,25 +61,27 @@ class LoraMethod(PeftAdapterMethod):
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        initial = getattr(self, "_initial", None)
+        if initial is None:
+            raise RuntimeError("LoraMethod.save: a PiSSA/OLoRA model must come from this method's build()")
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()},
                   str(out_dir / AS_TRAINED))
-        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(self._initial))
+        # peft loads the initial adapter to convert: that initialises layers from the global RNG and puts the
+        # model in eval mode. A checkpoint must change neither, or dropout would differ (or stop) afterwards.
+        device, training = next(model.parameters()).device, model.training
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(initial))
+        model.train(training)
 
     def restore(self, model: nn.Module, saved_dir: Path) -> None:
         if not rewrites_base(model):
             return super().restore(model, saved_dir)
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         from tunesmith.errors import ConfigError
 
         if not (saved_dir / AS_TRAINED).exists():
             raise ConfigError(f"{saved_dir}: no {AS_TRAINED}; this checkpoint was not saved by a {self.cfg.init} run")
-        weights = load_file(str(saved_dir / AS_TRAINED), device=str(next(model.parameters()).device))
-        missing = [k for k in set_peft_model_state_dict(model, weights).missing_keys if "lora_" in k]
-        if missing:
-            raise ConfigError(f"{saved_dir}: the adapter does not fit this model (missing {missing[:3]})")
+        self.restore_file(model, saved_dir / AS_TRAINED)
 
     def lr_multiplier(self, name: str) -> float:
         # LoRA+: B starts at zero and carries the update's output side; a higher rate for it learns faster.

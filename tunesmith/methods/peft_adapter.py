@@ -33,15 +33,19 @@ class PeftAdapterMethod(Method):
         model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
 
     def restore(self, model: nn.Module, saved_dir: Path) -> None:
+        self.restore_file(model, saved_dir / "adapter_model.safetensors")
+
+    def restore_file(self, model: nn.Module, path: Path) -> None:
+        """Put an adapter file's weights into the model; every trained weight must come from it."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        weights = load_file(str(saved_dir / "adapter_model.safetensors"), device=str(next(model.parameters()).device))
+        weights = load_file(str(path), device=str(next(model.parameters()).device))
         result = set_peft_model_state_dict(model, weights)
         trained = self.peft_trained(model)
         missing = [k for k in result.missing_keys if k in trained]
         if missing:
-            raise ConfigError(f"{saved_dir}: the adapter does not fit this model (missing {missing[:3]})")
+            raise ConfigError(f"{path}: the adapter does not fit this model (missing {missing[:3]})")
 
     def peft_trained(self, model: nn.Module) -> set[str]:
         """The trainable parameters that peft's adapter file must bring back (restore checks each came)."""

@@ -5,7 +5,9 @@ The adapter is saved like LoRA's. Merging cannot go into 4-bit weights without a
 merged model is the base de-quantized to full precision plus the adapter: it computes what was trained, and
 its weights carry the base's rounding (the quantization gap from the original model), which a warning says.
 With `init: loftq` the adapter starts from the 4-bit rounding error of each weight (read from the model's
-safetensors files), so quantized base plus adapter start closer to the original model.
+safetensors files), so quantized base plus adapter start closer to the original model. Such an adapter
+belongs with the 4-bit base (as chat, eval and merge use it): on the original weights it would add the
+rounding error rather than cancel it.
 """
 
 from __future__ import annotations
@@ -62,10 +64,9 @@ class QloraMethod(LoraMethod):
             raise RuntimeError("QloraMethod.merge needs a model from QloraMethod.load")
         warnings.warn(f"qlora: the adapter is merged into the base de-quantized from {self.cfg.bits}-bit, so the "
                       "merged model computes what was trained, but its weights carry the base's rounding (the "
-                      "quantization gap from the original model); --format adapter keeps the adapter for the "
-                      "original base", stacklevel=2)
-        base = load_base()
-        full = base.dequantize(dtype=torch.float32)
+                      "quantization gap from the original model)", stacklevel=2)
+        # On the CPU: the full-precision copy of a large model would not fit beside the quantized one on a GPU.
+        full = load_base(on=torch.device("cpu")).dequantize(dtype=torch.float32)
         full = get_peft_model(full, model.peft_config["default"])
         set_peft_model_state_dict(full, get_peft_model_state_dict(model))
         return full.merge_and_unload()
@@ -84,7 +85,11 @@ def start_from_quantization_error(model: nn.Module, source: str) -> None:
             if not isinstance(module, Linear4bit):
                 continue
             base = module.get_base_layer().weight
-            original = weights(name.removeprefix("base_model.model.") + ".weight").to(base.device, torch.float32)
+            key = name.removeprefix("base_model.model.") + ".weight"
+            original = weights(key).to(base.device, torch.float32)
+            if original.shape != base.quant_state.shape:
+                raise ConfigError(f"method.init loftq: {key} is {tuple(original.shape)} in the safetensors files "
+                                  f"but {tuple(base.quant_state.shape)} in the model; use method.init default")
             error = original - bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
             u, s, vh = torch.linalg.svd(error, full_matrices=False)
             r = module.r["default"]
@@ -119,8 +124,15 @@ def original_weights(source: str):
                           "Use method.init default, or a model folder with model.safetensors")
 
     def read(name: str) -> torch.Tensor:
-        path = files[name] if files is not None else folder / "model.safetensors"
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name)
+        # Checkpoints name tensors as the model does, or without its first prefix (e.g. "model.").
+        for key in (name, name.split(".", 1)[-1]):
+            path = folder / "model.safetensors" if files is None else files.get(key)
+            if path is None:
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                if key in f.keys():
+                    return f.get_tensor(key)
+        raise ConfigError(f"method.init loftq: {name} is not in {folder}'s safetensors files, so its "
+                          "full-precision weight cannot be read; use method.init default")
 
     return read

@@ -192,9 +192,8 @@ def _projector(settings: dict[str, Any], ortho_matrix: Any, strides: Any) -> Any
         ortho_matrix = [_strided(m, st) for m, st in zip(ortho_matrix, strides or [None] * len(ortho_matrix))]
     elif isinstance(ortho_matrix, torch.Tensor):
         ortho_matrix = _strided(ortho_matrix, strides)
-    projector = CompactProjector(settings["rank"], verbose=settings["verbose"],
-                                 update_proj_gap=settings["update_proj_gap"], scale=settings["scale"],
-                                 proj_type=settings["proj_type"])
+    projector = CompactProjector.for_group(settings)
+    projector.verbose = settings["verbose"]
     projector.ortho_matrix = ortho_matrix
     return projector
 

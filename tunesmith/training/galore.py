@@ -27,6 +27,11 @@ class CompactProjector(GaLoreProjector):
     whole SVD factor (min(m, n) wide), so a 4096-wide matrix at rank 128 would hold 32 times the memory the
     method promises; a copy of the r rows or columns lets the rest go."""
 
+    @classmethod
+    def for_group(cls, group: dict) -> "CompactProjector":
+        return cls(group["rank"], update_proj_gap=group["update_proj_gap"], scale=group["scale"],
+                   proj_type=group["proj_type"])
+
     def get_orthogonal_matrix(self, weights, rank, type):
         basis = super().get_orthogonal_matrix(weights, rank, type)
         return [b.clone() for b in basis] if isinstance(basis, list) else basis.clone()
@@ -41,8 +46,7 @@ def give_projectors(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             state = optimizer.state[p]
             if p.grad is not None and "projector" not in state:
-                state["projector"] = CompactProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
-                                                      scale=group["scale"], proj_type=group["proj_type"])
+                state["projector"] = CompactProjector.for_group(group)
 
 
 class GaLoreAdamW(galore_torch.GaLoreAdamW):
@@ -106,8 +110,7 @@ class GaLoreAdamW8bit(bnb.optim.AdamW8bit):
                     continue
                 state = self.state[p]
                 if "projector" not in state:
-                    state["projector"] = CompactProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
-                                                          scale=group["scale"], proj_type=group["proj_type"])
+                    state["projector"] = CompactProjector.for_group(group)
                 low = state["projector"].project(p.grad, state.get("step", 0))
                 swapped.append((group, p, p.data, p.grad))
                 p.data, p.grad = torch.zeros_like(low, dtype=p.dtype), low
