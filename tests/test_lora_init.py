@@ -112,6 +112,8 @@ def test_loftq_starts_qlora_closer_to_the_full_precision_model(tiny64_dir):
             loftq_check(model, original)
         errors[init] = float((logits(model, IDS) - full).abs().mean())
     assert errors["loftq"] < errors["default"], errors
+    losses = train_steps(model, method, steps=6, lr=2e-2)  # and it trains from there
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_loftq_needs_the_base_as_safetensors(tmp_path):
