@@ -163,6 +163,19 @@ def test_eval_reports_loss_perplexity_and_exact_match(trained_run):
     assert len(result["samples"]) == 6
 
 
+def test_eval_batches_rows_by_the_runs_eval_batch_size(trained_run, monkeypatch):
+    import tunesmith.evaluate as evaluate
+    from tunesmith.run_dir import load_for_inference
+
+    sizes = []
+    real = evaluate.eval_batches
+    monkeypatch.setattr(evaluate, "eval_batches", lambda data, size, pad: sizes.append(size) or real(data, size, pad))
+    loaded = load_for_inference(trained_run)
+    evaluate.evaluate_file(loaded, trained_run / "data" / "test.jsonl", max_new_tokens=2)
+    evaluate.evaluate_file(loaded, trained_run / "data" / "test.jsonl", max_new_tokens=2, batch_size=3)
+    assert sizes == [loaded.config.eval.batch_size, 3]
+
+
 def test_generation_stops_at_eos(trained_run):
     from tunesmith.generate import Sampling, generate_batch
     from tunesmith.run_dir import load_for_inference

@@ -138,6 +138,8 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
           data: Optional[Path] = typer.Option(None, help="rows to evaluate; default: the run's test split"),
           as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
           limit: Optional[int] = typer.Option(None, help="evaluate only the first N rows"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                                   help="rows per batch; default: the run's eval.batch_size"),
           max_new_tokens: int = 256, checkpoint: Optional[str] = None) -> None:
     """Loss, perplexity and exact match (greedy answer == reference, whitespace stripped) on held-out rows."""
     quiet_libraries()
@@ -149,7 +151,7 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
         if not data.exists() or not data.read_text(encoding="utf-8").strip():
             raise TunesmithError(f"{run} has no test split; pass --data FILE (or set data.test_size when training)")
     loaded = load_for_inference(run, checkpoint)
-    result = evaluate_file(loaded, data, limit=limit, max_new_tokens=max_new_tokens)
+    result = evaluate_file(loaded, data, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
     samples = result.pop("samples", [])
     if as_json:
         print(json.dumps(result))

@@ -38,10 +38,14 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1)
 
 
-def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int = 16,
+def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int | None = None,
                   max_new_tokens: int = 256) -> dict[str, Any]:
-    """Loss, perplexity and exact match of `loaded` (see run_dir.load_for_inference) on a data file."""
-    from tunesmith.config import DataConfig
+    """Loss, perplexity and exact match of `loaded` (see run_dir.load_for_inference) on a data file, in
+    batches of `batch_size` rows (default: the run's eval.batch_size)."""
+    from tunesmith.config import DataConfig, EvalConfig
+
+    if batch_size is None:
+        batch_size = (loaded.config.eval if loaded.config else EvalConfig()).batch_size
 
     cfg = loaded.config.data.model_copy() if loaded.config else DataConfig(train_file=str(data_file))
     cfg.on_bad_row = "error"

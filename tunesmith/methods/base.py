@@ -23,6 +23,8 @@ class Method(ABC):
     """False for adapter methods: the frozen base is never written, so it may be held in lower precision."""
     quantized: bool = False
     """True when the base is loaded quantized (load_kwargs says how); it is then placed while loading."""
+    build_on_device: bool = False
+    """True when build() does heavy work on the weights (PiSSA's SVDs): the base moves to the device first."""
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -45,6 +45,10 @@ class LoraMethod(PeftAdapterMethod):
                           use_rslora=cfg.use_rslora, init_lora_weights=INIT[cfg.init],
                           modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM")
 
+    @property
+    def build_on_device(self) -> bool:
+        return self.cfg.init in REWRITES_BASE
+
     def build(self, model: nn.Module) -> nn.Module:
         model = super().build(model)
         if rewrites_base(model):

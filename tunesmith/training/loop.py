@@ -213,8 +213,11 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
 
     # ---- model: load the base, let the method decide what trains
     method = get_method(cfg.method)
-    model = method.build(load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code,
-                                        revision=cfg.model.revision, **method.load_kwargs(device)))
+    base = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                          **method.load_kwargs(device))
+    if method.build_on_device and not method.quantized:
+        base.to(device)  # PiSSA/OLoRA decompose every targeted weight while building: far faster on a GPU
+    model = method.build(base)
     packed = apply_speed_switches(model, method, tc, precision, log)
     if not method.quantized:  # after the bf16 cast, so the device never holds the fp32 copy of frozen weights;
         model.to(device)      # a quantized base is placed while it loads
