@@ -1,7 +1,7 @@
 """Every method on the default model and the demo task: trainable parameters, peak memory, tokens/s and
 validation loss after the same short run. Prints the Markdown table the README shows.
 
-    python benchmarks/methods_table.py               # all methods, ~20-25 min on 2 CPU cores
+    python benchmarks/methods_table.py               # all methods, ~35 min on 2 CPU cores
     python benchmarks/methods_table.py --steps 10 --only lora,ia3
 
 Each method trains in its own process (`tunesmith train examples/demo_lora.yaml` with overrides), so its
