@@ -53,7 +53,7 @@ class QloraMethod(LoraMethod):
         return model
 
     def load(self, load_base, saved_dir):
-        self._load_base = load_base  # merge needs the base again, in full precision
+        self._load_base = load_base  # merge loads the quantized base again, on the CPU, to de-quantize it
         return super().load(load_base, saved_dir)
 
     def merge(self, model: nn.Module) -> nn.Module:

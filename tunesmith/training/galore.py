@@ -49,18 +49,21 @@ def give_projectors(optimizer: torch.optim.Optimizer) -> None:
                 state["projector"] = CompactProjector.for_group(group)
 
 
-class GaLoreAdamW(galore_torch.GaLoreAdamW):
+class CompactProjectors:
+    """Mixed into a galore_torch optimizer: its projected parameters get CompactProjectors."""
+
     @torch.no_grad()
     def step(self, closure=None):
         give_projectors(self)
         return super().step(closure)
 
 
-class GaLoreAdafactor(galore_torch.GaLoreAdafactor):
-    @torch.no_grad()
-    def step(self, closure=None):
-        give_projectors(self)
-        return super().step(closure)
+class GaLoreAdamW(CompactProjectors, galore_torch.GaLoreAdamW):
+    pass
+
+
+class GaLoreAdafactor(CompactProjectors, galore_torch.GaLoreAdafactor):
+    pass
 
 
 def projected_names(model: nn.Module, named_params: list[tuple[str, nn.Parameter]]) -> set[str]:
@@ -86,7 +89,7 @@ def describe(named_params: list[tuple[str, nn.Parameter]], projected: set[str], 
 
 
 class GaLoreAdamW8bit(bnb.optim.AdamW8bit):
-    """bitsandbytes' 8-bit AdamW on GaLore-projected gradients, with galore_torch's GaLoreProjector.
+    """bitsandbytes' 8-bit AdamW on GaLore-projected gradients, with CompactProjectors.
 
     Not galore_torch's own GaLoreAdamW8bit (1.0): it passes two arguments by position into what are now
     other parameters of bitsandbytes' Optimizer2State (percentile_clipping=100 lands in max_unorm, which
@@ -101,6 +104,7 @@ class GaLoreAdamW8bit(bnb.optim.AdamW8bit):
 
     @torch.no_grad()
     def step(self, closure=None):
+        give_projectors(self)
         swapped = []
         for gindex, group in enumerate(self.param_groups):
             if "rank" not in group:
@@ -109,8 +113,6 @@ class GaLoreAdamW8bit(bnb.optim.AdamW8bit):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if "projector" not in state:
-                    state["projector"] = CompactProjector.for_group(group)
                 low = state["projector"].project(p.grad, state.get("step", 0))
                 swapped.append((group, p, p.data, p.grad))
                 p.data, p.grad = torch.zeros_like(low, dtype=p.dtype), low
