@@ -20,10 +20,12 @@ def saved_activation_bytes(model, batch, precision: str) -> int:
     from tunesmith.training.loss import token_loss_sum
 
     seen: dict[int, int] = {}
+    held = []  # a packed tensor stays alive, so no later storage can take its address and be counted as it
 
     def keep(t):
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
+        held.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
