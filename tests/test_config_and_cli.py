@@ -102,15 +102,38 @@ def test_cli_user_mistakes_give_one_line_errors_not_tracebacks(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr and "missing-model" in done.stderr
 
 
+def greedy_replier(run: Path, base: Path, adapter: bool = True):
+    """Greedy replies of a run's final LoRA adapter (or of its bare base), computed with plain transformers + peft,
+    no tunesmith: the run's saved tokenizer renders the prompt with its own chat template."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model = (PeftModel.from_pretrained(model, run / "final") if adapter else model).eval()
+
+    def reply(messages: list[dict], max_new_tokens: int) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return reply
+
+
 def test_cli_full_cycle_on_the_tiny_model(tmp_path, tiny_model_dir):
-    """train → prepare --show → generate → eval --json → export, through the real command line."""
+    """train → prepare --show → generate → eval --json → chat → export, through the real command line."""
     from conftest import alpaca_rows, write_jsonl
 
     write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(30))
     cfg = write_yaml(tmp_path / "c.yaml", {
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"train_file": "rows.jsonl", "val_size": 4, "test_size": 4},
-        "train": {"max_steps": 2, "micro_batch_size": 4, "precision": "fp32"},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "precision": "fp32", "lr": 1e-3},
         "output": {"dir": str(tmp_path / "run")},
     })
     shown = run_cli("prepare", str(cfg), "--show", "1")
@@ -122,19 +145,37 @@ def test_cli_full_cycle_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert "trainable parameters" in trained.stdout
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert max(x["step"] for x in steps) == 3
+    run = tmp_path / "run"
 
-    gen = run_cli("generate", str(tmp_path / "run"), "--prompt", "Shout this.", "--max-new-tokens", "4")
+    # generate prints exactly the greedy reply that plain transformers + peft give on the run's weights and template
+    reference = greedy_replier(run, tiny_model_dir)
+    asked = [{"role": "user", "content": "Shout this. cat ok"}]
+    want = reference(asked, 6)
+    assert want.strip(), "the reference reply is empty: the test would not see a missing reply"
+    assert want != greedy_replier(run, tiny_model_dir, adapter=False)(asked, 6), "guard: the adapter changes the reply"
+    gen = run_cli("generate", str(run), "--prompt", "Shout this. cat ok", "--max-new-tokens", "6")
     assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == want + "\n"
 
-    ev = run_cli("eval", str(tmp_path / "run"), "--json", "--max-new-tokens", "4")
+    ev = run_cli("eval", str(run), "--json", "--max-new-tokens", "4")
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert {"loss", "perplexity", "exact_match", "n"} <= result.keys() and result["n"] == 4
 
-    chat = run_cli("chat", str(tmp_path / "run"), "--max-new-tokens", "3", stdin="hello\n/exit\n")
-    assert chat.returncode == 0, chat.stderr and "assistant>" in chat.stdout
+    # chat (greedy here) prints each streamed reply after "assistant> ", and the second turn sees the first
+    hello, ok = {"role": "user", "content": "hello"}, {"role": "user", "content": "ok"}
+    first = reference([hello], 6)
+    second = reference([hello, {"role": "assistant", "content": first}, ok], 6)
+    assert first.strip() and second.strip(), "the reference replies are empty: the test would not see a missing reply"
+    # guards (pick other prompts if the tiny model's replies ever coincide): a chat that dropped its replies from
+    # the history, or the whole history, would print something else
+    assert second not in (reference([hello, ok], 6), reference([ok], 6))
+    chat = run_cli("chat", str(run), "--max-new-tokens", "6", "--temperature", "0", "--repetition-penalty", "1",
+                   stdin="hello\nok\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == f"you> assistant> {first}\nyou> assistant> {second}\nyou> ", (first, second)
 
-    out = run_cli("export", str(tmp_path / "run"), "--format", "adapter", "--out", str(tmp_path / "adapter"))
+    out = run_cli("export", str(run), "--format", "adapter", "--out", str(tmp_path / "adapter"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 

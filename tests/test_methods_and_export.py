@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,7 +78,25 @@ def test_freeze_errors_are_clear():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_model_dir):
+def other_eos_base(tmp_path_factory):
+    """A tiny base whose own config and generation config name another EOS (<|endoftext|>, id 0) than the
+    tokenizer the run trains with (<|im_end|>, id 2), as base checkpoints often do: whatever generates or
+    exports must use the run's EOS itself."""
+    from conftest import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("other-eos-base")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(len(tokenizer))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.unk_token_id
+    model.generation_config.pad_token_id = tokenizer.unk_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"] == 0 != tokenizer.eos_token_id
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, other_eos_base):
     """A short LoRA run on the tiny model (shared by the export tests)."""
     from conftest import alpaca_rows, write_jsonl
     from tunesmith.config import config_from_dict
@@ -86,7 +105,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("run")
     data = write_jsonl(tmp / "rows.jsonl", alpaca_rows(40))
     cfg = config_from_dict({
-        "model": {"name_or_path": str(tiny_model_dir)},
+        "model": {"name_or_path": str(other_eos_base)},
         "data": {"train_file": str(data), "val_size": 4, "test_size": 6, "template": "chatml"},
         "method": {"name": "lora", "r": 4, "alpha": 16},
         "train": {"max_steps": 8, "lr": 2e-2, "micro_batch_size": 8, "precision": "fp32"},
@@ -95,14 +114,17 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     return train(cfg, log=lambda *_: None)
 
 
-def greedy(model, tokenizer, ids: list[int], n: int = 12) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, len(ids):].tolist()
+def scripted_reply(model, tokenizer, eos_id: int) -> None:
+    """Make greedy decoding after a generation prompt (which ends in "\n") produce "a", "b", EOS and then, only
+    if generation goes on past EOS, "c" forever: a bias on the next token given the previous one."""
+    a, b, c = tokenizer.convert_tokens_to_ids(["a", "b", "c"])
+    (newline,) = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal.generation_config.sequence_bias = {(newline, a): 1e4, (a, b): 1e4, (b, eos_id): 1e4, (eos_id, c): 1e4,
+                                              (c, c): 1e4}
 
 
-def test_merged_export_loads_with_plain_transformers_and_matches(trained_run, tmp_path):
+def test_merged_export_loads_with_plain_transformers_and_matches(trained_run, tmp_path, other_eos_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.templates import CHATML, encode_prompt
@@ -112,22 +134,32 @@ def test_merged_export_loads_with_plain_transformers_and_matches(trained_run, tm
     export_run(trained_run, "merged", tmp_path / "merged")
     out = tmp_path / "merged"
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
+    # the base's generation config says EOS is 0; the export must carry the run's EOS (<|im_end|>, 2) instead
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
-    plain = AutoModelForCausalLM.from_pretrained(out)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.chat_template == CHATML  # the template the run trained with travels with the weights
     loaded = load_for_inference(trained_run)
     prompt = encode_prompt(loaded.tokenizer, [{"role": "user", "content": "Shout this.\n\ncat ok"}])
-    plain.eval()
-    assert greedy(plain, tokenizer, prompt) == greedy(loaded.model, loaded.tokenizer, prompt)
+    ids = torch.tensor([prompt])
+    # merged weights give the adapter model's logits, up to float rounding of W + BA (values here are O(1))
+    want = logits(loaded.model, ids)
+    torch.testing.assert_close(logits(plain, ids), want, rtol=1e-4, atol=1e-4)
+    base = logits(AutoModelForCausalLM.from_pretrained(other_eos_base), ids)
+    assert (base - want).abs().max() > 0.1  # non-vacuous: the trained adapter moved the logits far beyond that
+    # plain `generate` on the export, with no eos passed, stops at the run's EOS
+    scripted_reply(plain, tokenizer, tokenizer.eos_token_id)
+    with torch.no_grad():
+        reply = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert tokenizer.convert_ids_to_tokens(reply[0, len(prompt):].tolist()) == ["a", "b", "<|im_end|>"]
     # and the plain tokenizer renders the same prompt text as training did
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Shout this.\n\ncat ok"}], tokenize=False,
                                          add_generation_prompt=True)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == prompt
 
 
-def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, tiny_model_dir):
+def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, other_eos_base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +168,7 @@ def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, tiny_model_
 
     export_run(trained_run, "adapter", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other_eos_base), tmp_path / "adapter")
     ids = torch.tensor([[5, 17, 99, 3]])
     torch.testing.assert_close(logits(model, ids), logits(load_for_inference(trained_run).model, ids))
 
@@ -152,15 +184,66 @@ def test_export_never_overwrites(trained_run, tmp_path):
     assert (out / "mine.txt").read_text() == "keep"
 
 
-def test_eval_reports_loss_perplexity_and_exact_match(trained_run):
+def test_eval_loss_is_the_token_mean_that_plain_transformers_computes(trained_run, other_eos_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tunesmith.evaluate import evaluate_file
     from tunesmith.run_dir import load_for_inference
 
-    result = evaluate_file(load_for_inference(trained_run), trained_run / "data" / "test.jsonl", max_new_tokens=8)
-    assert result["n"] == 6
-    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
-    assert 0.0 <= result["exact_match"] <= 1.0
-    assert len(result["samples"]) == 6
+    loaded = load_for_inference(trained_run)
+    # one row per batch, and 4 + 2 rows with padding
+    results = [evaluate_file(loaded, trained_run / "data" / "test.jsonl", batch_size=size, max_new_tokens=1)
+               for size in (1, 4)]
+    # Independently: plain transformers + peft, each test row rendered by the run's saved chat template, the loss
+    # on the reply + EOS only (transformers' own shift and mean), weighted by the row's reply tokens.
+    tokenizer = AutoTokenizer.from_pretrained(trained_run / "tokenizer")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other_eos_base), trained_run / "final")
+    model.eval()
+    rows = [json.loads(x) for x in (trained_run / "data" / "test.jsonl").read_text().splitlines()]
+    sums, counts = [], []
+    for row in rows:
+        user = {"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}
+        prompt = tokenizer(tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        reply = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            mean = model(input_ids=torch.tensor([prompt + reply]),
+                         labels=torch.tensor([[-100] * len(prompt) + reply])).loss.item()
+        sums.append(mean * len(reply))
+        counts.append(len(reply))
+    want = sum(sums) / sum(counts)
+    for result in results:
+        assert result["n"] == len(rows) == 6 and result["tokens"] == sum(counts)
+        assert result["loss"] == pytest.approx(want, rel=1e-5)
+        assert result["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+    mean_of_means = sum(x / n for x, n in zip(sums, counts)) / len(rows)
+    assert abs(mean_of_means - want) > 1e-3  # the rows' lengths differ enough that the per-row mean would show
+
+
+def test_eval_exact_match_counts_the_rows_whose_prediction_is_the_reference(trained_run, monkeypatch):
+    import tunesmith.evaluate as evaluate
+    from tunesmith.run_dir import load_for_inference
+
+    rows = [json.loads(x) for x in (trained_run / "data" / "test.jsonl").read_text().splitlines()]
+    refs = [row["output"] for row in rows]
+    assert len(refs) == 6 and all(len(r) > 1 for r in refs)
+    # rows 0, 2 and 5 answer exactly (row 5 with the newline a reply may end with); the others are near misses:
+    # the reference plus more, nothing, and the reference cut short
+    preds = [refs[0], refs[1] + " AND MORE", refs[2], "", refs[4][:-1], refs[5] + "\n"]
+    seen = []
+
+    def fake_generate(model, tokenizer, conversations, sampling, batch_size=16):
+        seen.append([c[-1]["content"] for c in conversations])
+        return preds[:len(conversations)]
+
+    monkeypatch.setattr(evaluate, "generate_batch", fake_generate)
+    result = evaluate.evaluate_file(load_for_inference(trained_run), trained_run / "data" / "test.jsonl",
+                                    max_new_tokens=4)
+    assert seen == [[f"{row['instruction']}\n\n{row['input']}" for row in rows]]  # each row's prompt, in order
+    assert result["exact_match"] == pytest.approx(3 / 6)
+    assert [(s["reference"], s["prediction"]) for s in result["samples"]] == list(zip(refs, preds))
+    assert evaluate.exact_match(["A", "B"], ["A", "A"]) == 0.5 and evaluate.exact_match(["X"], ["Y"]) == 0.0
 
 
 def test_eval_batches_rows_by_the_runs_eval_batch_size(trained_run, monkeypatch):
@@ -176,19 +259,33 @@ def test_eval_batches_rows_by_the_runs_eval_batch_size(trained_run, monkeypatch)
     assert sizes == [loaded.config.eval.batch_size, 3]
 
 
-def test_generation_stops_at_eos(trained_run):
+def test_generation_stops_at_eos(trained_run, monkeypatch):
+    from tunesmith.data.templates import encode_prompt
     from tunesmith.generate import Sampling, generate_batch
     from tunesmith.run_dir import load_for_inference
 
     loaded = load_for_inference(trained_run)
-    # Force EOS to be the only choice: every reply must be empty, not run to max_new_tokens.
+    model, tokenizer = loaded.model, loaded.tokenizer
+    eos = tokenizer.eos_token_id
+    scripted_reply(model, tokenizer, eos)  # "a", "b", EOS, then "c" for as long as generation goes on
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer question, left-padded"}]]
+    ids = torch.tensor([encode_prompt(tokenizer, prompts[0])])
+
+    # Control: with the base's own generation config (EOS 0) and no EOS given, the script runs on past EOS.
     with torch.no_grad():
-        head = loaded.model.get_base_model().lm_head
-        head.bias = torch.nn.Parameter(torch.full((head.out_features,), -1e4))
-        head.bias[loaded.tokenizer.eos_token_id] = 1e4
-    replies = generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": "hi"}]] * 2,
-                             Sampling(max_new_tokens=10))
-    assert replies == ["", ""]
+        went_on = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, pad_token_id=eos)
+    assert tokenizer.convert_ids_to_tokens(went_on[0, ids.shape[1]:].tolist()) == ["a", "b", "<|im_end|>"] + ["c"] * 3
+
+    generated = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: generated.append(real(**kw)) or generated[-1])
+    replies = generate_batch(model, tokenizer, prompts, Sampling(max_new_tokens=10))
+    assert replies == ["ab", "ab"]
+    (out,) = generated
+    width = max(len(encode_prompt(tokenizer, p)) for p in prompts)
+    assert out.shape == (2, width + 3)  # a, b, EOS: generation stopped at EOS, not at max_new_tokens (10)
+    assert out[:, -1].tolist() == [eos, eos]
 
 
 def test_sampling_settings_reach_generate():

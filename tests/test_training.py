@@ -2,60 +2,81 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 
 import pytest
 import torch
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_model
 from tunesmith.config import TrainConfig
 from tunesmith.data.token_store import Tokenized
 from tunesmith.data.templates import IGNORE
-from tunesmith.training.batching import RowStream, collate, micro_batches
-from tunesmith.training.loss import token_loss_sum
+from tunesmith.training.batching import RowStream, micro_batches
 from tunesmith.training.optim import lr_factor, param_groups
 
 
-def rows_of_different_lengths(vocab: int) -> list[Tokenized]:
+def rows_of_different_lengths(vocab: int, shapes=((5, 2), (40, 30), (9, 3), (23, 20))) -> list[Tokenized]:
+    """Rows of (length, prompt length); the prompt is masked from the loss."""
     g = torch.Generator().manual_seed(0)
     rows = []
-    for length, prompt in ((5, 2), (40, 30), (9, 3), (23, 20)):
+    for length, prompt in shapes:
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         rows.append(Tokenized(ids, [IGNORE] * prompt + ids[prompt:]))
     return rows
 
 
-def step_loss_and_grads(model, rows: list[Tokenized], micro: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """One optimizer step's loss and gradients computed the way the loop does it."""
-    model.zero_grad()
-    batches = [collate(rows[i:i + micro], pad_id=2) for i in range(0, len(rows), micro)]
-    n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+EIGHT_SHAPES = ((5, 2), (40, 30), (9, 3), (23, 20), (3, 1), (31, 4), (14, 13), (7, 0))  # 1 to 27 targets a row;
+# the last row has no prompt (a text row): its first token is still no target
+
+
+def loop_step(model, rows: list[Tokenized], micro: int, labels_only: bool = True
+              ) -> tuple[float, dict[str, torch.Tensor]]:
+    """One optimizer step's loss and gradients, computed by the training loop's own accumulate_gradients."""
+    from tunesmith.training.loop import accumulate_gradients
+
+    model.zero_grad(set_to_none=True)
+    loss, used = accumulate_gradients(model, rows, micro, pad_id=2, device=torch.device("cpu"), precision="fp32",
+                                      auto=False, log=print, labels_only=labels_only)
+    assert used == micro
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_step(model, rows: list[Tokenized], per_row_mean: bool = False
+                   ) -> tuple[float, dict[str, torch.Tensor]]:
+    """The same step by hand: each row alone, unpadded, through transformers' own loss (its shift, its mean over
+    the row's label tokens); weighted by the row's label count over the whole step's count (DESIGN rule 1), or,
+    with per_row_mean, the mean of the rows' means (the common bug)."""
+    model.zero_grad(set_to_none=True)
+    counts = [sum(1 for x in r.labels[1:] if x != IGNORE) for r in rows]
     total = 0.0
-    for batch in batches:
-        summed, _ = token_loss_sum(model, batch)
-        (summed / n_targets).backward()
-        total += float(summed.detach())
-    return total / n_targets, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for row, n in zip(rows, counts):
+        mean = model(input_ids=torch.tensor([row.input_ids]), labels=torch.tensor([row.labels])).loss
+        part = mean / len(rows) if per_row_mean else mean * n / sum(counts)
+        part.backward()
+        total += float(part.detach())
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_grad_accumulation_matches_one_big_batch():
+@pytest.mark.parametrize("labels_only", [True, False])
+def test_grad_accumulation_matches_one_big_batch(labels_only):
+    """accumulate_gradients: 8 rows × 1 micro-batch, 1 × 8 and an uneven 3+3+2 split give the same loss and
+    gradients, and both are the global token mean computed by hand."""
     model = build_tiny_model(vocab_size=300)
-    rows = rows_of_different_lengths(300)
-    loss_4x1, grads_4x1 = step_loss_and_grads(model, rows, micro=4)
-    loss_1x4, grads_1x4 = step_loss_and_grads(model, rows, micro=1)
-    assert loss_4x1 == pytest.approx(loss_1x4, rel=1e-5)
-    assert grads_4x1.keys() == grads_1x4.keys() and grads_4x1
-    for name in grads_4x1:
-        torch.testing.assert_close(grads_4x1[name], grads_1x4[name], rtol=1e-4, atol=1e-6, msg=name)
-    # Non-vacuous: averaging per-micro-batch means (the common bug) gives different gradients on these rows.
-    model.zero_grad()
-    for r in rows:
-        (token_loss_sum(model, collate([r], 2))[0] / r.n_targets / len(rows)).backward()
-    naive = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    diff = sum(float((naive[n] - grads_4x1[n]).norm()) for n in naive)
-    assert diff > 1e-3 * sum(float(g.norm()) for g in grads_4x1.values())
+    rows = rows_of_different_lengths(300, EIGHT_SHAPES)
+    want_loss, want_grads = reference_step(model, rows)
+    assert want_grads
+    for micro in (8, 1, 3):
+        loss, grads = loop_step(model, rows, micro, labels_only)
+        assert loss == pytest.approx(want_loss, rel=1e-5), micro
+        assert grads.keys() == want_grads.keys(), micro
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=f"{micro} {name}")
+    # Non-vacuous: on these rows the mean of per-row means (what 1 × 8 gives if each micro-batch divides by its
+    # own count) is a clearly different loss, with clearly different gradients.
+    naive_loss, naive_grads = reference_step(model, rows, per_row_mean=True)
+    assert abs(naive_loss - want_loss) > 1e-3 * want_loss  # about 1 % here: 1000 times the tolerance above
+    diff = sum(float((naive_grads[n] - want_grads[n]).norm()) for n in want_grads)
+    assert diff > 0.05 * sum(float(g.norm()) for g in want_grads.values())
 
 
 def test_row_stream_is_seeded_covers_each_epoch_and_resumes_from_its_position():
@@ -119,7 +140,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
             enable_gradient_checkpointing(model)
             assert model.get_base_model().is_gradient_checkpointing
         model.train()
-        results.append(step_loss_and_grads(model, rows, micro=2))
+        results.append(loop_step(model, rows, micro=2))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert grads_a.keys() == grads_b.keys() and grads_a
@@ -175,14 +196,39 @@ def test_train_writes_a_complete_run_dir(make_config):
     # checkpoints every step, keep the last 2 (the final step is saved as final/ instead)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
-    # the resolved config round-trips
+    # the resolved config round-trips: every field, not one
     from tunesmith.run_dir import read_run_config
-    assert read_run_config(run).train.grad_accum_steps == 2
+    assert read_run_config(run).model_dump() == cfg.model_dump()
 
 
-def test_training_lowers_the_loss_for_every_method(make_config, tmp_path):
+def fixed_rows_loss(model, rows: list[Tokenized]) -> float:
+    """Token-mean loss on fixed rows, by transformers' own forward with labels (one unpadded row at a time)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            n = sum(1 for x in row.labels[1:] if x != IGNORE)
+            total += float(model(input_ids=torch.tensor([row.input_ids]), labels=torch.tensor([row.labels])).loss) * n
+            count += n
+    return total / count
+
+
+def train_rows_and_base_loss(cfg, tiny_model_dir) -> tuple[list[Tokenized], float]:
+    """The run's training rows (a fixed batch) and the untrained base model's loss on them."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.training.loop import load_data_and_tokenizer
+
+    _, _, data = load_data_and_tokenizer(cfg)
+    rows = [data.train[i] for i in range(len(data.train))]
+    return rows, fixed_rows_loss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), rows)
+
+
+def test_training_lowers_the_loss_for_every_method(make_config, tmp_path, tiny_model_dir):
+    from tunesmith.run_dir import load_for_inference
     from tunesmith.training.loop import train
 
+    rows, before = None, None
     for name in ("full", "freeze", "lora"):
         cfg = make_config(method={"name": name, "trainable_layers": 1},
                           train={"max_steps": 20, "lr": {"full": 3e-3, "freeze": 1e-2, "lora": 3e-2}[name],
@@ -190,9 +236,11 @@ def test_training_lowers_the_loss_for_every_method(make_config, tmp_path):
                                  "lr_scheduler": "constant"},
                           eval={"interval": None}, checkpoint={"interval": None},
                           output={"dir": str(tmp_path / name)})
+        if rows is None:  # the same rows for every method; each starts from the base (LoRA starts equal to it)
+            rows, before = train_rows_and_base_loss(cfg, tiny_model_dir)
         run = train(cfg, log=lambda *_: None)
-        losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-        assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, (name, losses)
+        after = fixed_rows_loss(load_for_inference(run).model, rows)  # the same rows, the saved final weights
+        assert after < 0.8 * before, (name, before, after)
 
 
 def test_refuses_to_overwrite_a_run_dir(make_config):
@@ -220,13 +268,33 @@ def test_nan_loss_stops_with_a_clear_error(make_config, monkeypatch):
         loop.train(make_config(), log=lambda *_: None)
 
 
-def test_bf16_autocast_runs_on_cpu_when_supported(make_config):
-    from tunesmith.device import bf16_supported
-    from tunesmith.training.loop import train
+def test_bf16_autocast_trains_with_bf16_matmuls_and_fp32_master_weights(make_config, monkeypatch, tiny_model_dir):
+    """bf16 autocast works on every CPU (emulated where there is no native bf16, only slower)."""
+    from safetensors.torch import load_file
 
-    if not bf16_supported(torch.device("cpu")):
-        pytest.skip("this CPU has no bf16 support")
-    run = train(make_config(train={"max_steps": 2, "precision": "bf16"}), log=lambda *_: None)
-    assert json.loads((run / "run.json").read_text())["precision"] == "bf16"
-    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert all(math.isfinite(v) for v in losses)
+    from tunesmith.run_dir import load_for_inference
+    from tunesmith.training import loop
+
+    seen: dict[str, set] = {"linear_out": set(), "loss": set(), "trainable": set()}
+    hooks = []
+    real = loop.token_loss_sum
+
+    def spy(model, batch, *args):
+        if not hooks:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):  # the base's projections, LoRA's A and B, the LM head
+                    hooks.append(module.register_forward_hook(lambda m, i, out: seen["linear_out"].add(out.dtype)))
+        summed, n = real(model, batch, *args)
+        seen["loss"].add(summed.dtype)
+        seen["trainable"] |= {p.dtype for p in model.parameters() if p.requires_grad}
+        return summed, n
+
+    monkeypatch.setattr(loop, "token_loss_sum", spy)
+    cfg = make_config(train={"max_steps": 8, "lr": 3e-2, "micro_batch_size": 8, "precision": "bf16",
+                             "lr_scheduler": "constant"}, eval={"interval": None}, checkpoint={"interval": None})
+    rows, before = train_rows_and_base_loss(cfg, tiny_model_dir)
+    run = loop.train(cfg, log=lambda *_: None)
+    assert hooks and seen == {"linear_out": {torch.bfloat16}, "loss": {torch.float32}, "trainable": {torch.float32}}
+    assert {t.dtype for t in load_file(run / "final" / "adapter_model.safetensors").values()} == {torch.float32}
+    after = fixed_rows_loss(load_for_inference(run).model, rows)
+    assert after < 0.9 * before, (before, after)
