@@ -199,7 +199,16 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path, name, content, pieces):
     skipped: list[str] = []
     _, pairs = load_examples(str(path), DataConfig(on_bad_row="skip"), None, skipped)
     assert len(skipped) == 1 and pieces[0] in skipped[0]
-    assert len(pairs) >= 1
+    # Exactly the good rows survive, in order: the valid first line (when the bad row is line 2) and the
+    # valid row appended after the bad one; the bad row itself is not among them.
+    bad_line = int(pieces[0].split(":")[1])
+    good_lines = [n for n in range(1, bad_line + 2) if n != bad_line]
+    assert [row.where for row, _ in pairs] == [f"{path}:{n}" for n in good_lines]
+    assert len(pairs) == (2 if bad_line == 2 else 1)
+    if name.startswith("chat"):
+        assert [ex.reference for _, ex in pairs] == ["b"]
+    else:
+        assert [ex.reference for _, ex in pairs] == ["b", "y"]
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -243,6 +252,71 @@ def test_overlong_rows_dropped_or_truncated_and_reported(tiny_tokenizer):
     kept, report = tokenize_split("train", examples, tiny_tokenizer, DataConfig(max_seq_length=64, overlong="truncate"))
     assert report.truncated == 1 and report.dropped == {"no trainable tokens": 1}
     assert max(len(k.input_ids) for k in kept) <= 64
+
+
+# The tiny byte-level tokenizer, hand-decoded: <|im_start|> 1, <|im_end|> (EOS) 2, "\n" 201, " " 223, and a printable
+# ASCII character c is ord(c) - 30 (the 94 of them come first in the sorted byte alphabet, after the 3 specials).
+PROMPT_IDS = [1, *(ord(c) - 30 for c in "user"), 201, *(ord(c) - 30 for c in "Hi?"), 2, 201,
+              1, *(ord(c) - 30 for c in "assistant"), 201]  # <|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n
+HELLO_IDS = [42, 71, 78, 78, 81, 223, 86, 74, 71, 84, 71, 16]  # "Hello there."
+
+
+def test_a_truncated_row_keeps_its_cut_reply_trained_without_an_eos(tiny_tokenizer):
+    """Policy (data.overlong: truncate): the first max_seq_length tokens are kept; the reply that was cut keeps
+    its trained tokens up to the cut and gets no EOS, neither as a token nor as a label, so the model is never
+    taught to stop in mid-answer. The report counts the row as truncated (and kept)."""
+    install_template(tiny_tokenizer, CHATML)
+    assert len(PROMPT_IDS) == 22 and tiny_tokenizer.decode(PROMPT_IDS + HELLO_IDS) == (
+        "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\nHello there.")
+    eos = tiny_tokenizer.eos_token_id
+    example = Example(messages=[{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}])
+    ids, labels = render(tiny_tokenizer, example)  # 35 tokens: the whole reply is trained, EOS last
+    assert ids == PROMPT_IDS + HELLO_IDS + [eos] and labels == [IGNORE] * 22 + HELLO_IDS + [eos]
+
+    kept, report = tokenize_split("train", [example], tiny_tokenizer, DataConfig(max_seq_length=26, overlong="truncate"))
+    assert [(k.input_ids, k.labels) for k in kept] == [(PROMPT_IDS + [42, 71, 78, 78], [IGNORE] * 22 + [42, 71, 78, 78])]
+    assert eos not in kept[0].labels[22:]  # "Hell" is trained, and nothing tells the model to stop there
+    assert (report.truncated, report.kept, dict(report.dropped), report.trained_tokens) == (1, 1, {}, 4)
+
+    # Cut just before the EOS: every reply token is trained, the stop is not (the row still was cut).
+    kept, report = tokenize_split("train", [example], tiny_tokenizer, DataConfig(max_seq_length=34, overlong="truncate"))
+    assert kept[0].labels == [IGNORE] * 22 + HELLO_IDS and eos not in kept[0].input_ids[22:]
+    assert report.truncated == 1
+    # A row that fits exactly is not truncated and keeps its trained EOS.
+    kept, report = tokenize_split("train", [example], tiny_tokenizer, DataConfig(max_seq_length=35, overlong="truncate"))
+    assert kept[0].labels[-1] == eos and report.truncated == 0
+
+
+def test_a_truncated_conversation_keeps_the_eos_of_replies_that_ended_before_the_cut(tiny_tokenizer):
+    install_template(tiny_tokenizer, CHATML)
+    eos = tiny_tokenizer.eos_token_id
+    convo = Example(messages=[{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo."},
+                              {"role": "user", "content": "More"}, {"role": "assistant", "content": "Hello there."}])
+    kept, report = tokenize_split("train", [convo], tiny_tokenizer, DataConfig(max_seq_length=54, overlong="truncate"))
+    yo = [59, 81, 16, eos]  # "Yo." and its EOS: a complete reply, still trained to stop
+    second_prompt = [201, 1, *(ord(c) - 30 for c in "user"), 201, *(ord(c) - 30 for c in "More"), 2, 201,
+                     1, *(ord(c) - 30 for c in "assistant"), 201]
+    assert kept[0].input_ids == PROMPT_IDS + yo + second_prompt + [42, 71, 78, 78]
+    assert kept[0].labels == [IGNORE] * 22 + yo + [IGNORE] * len(second_prompt) + [42, 71, 78, 78]
+    assert [lab for lab in kept[0].labels if lab == eos] == [eos]  # one trained EOS: the first reply's
+    assert report.truncated == 1 and report.trained_tokens == 8
+
+
+def test_the_data_report_counts_truncated_rows_and_the_store_keeps_them_cut(tmp_path, tiny_tokenizer):
+    install_template(tiny_tokenizer, CHATML)
+    rows = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": answer}]}
+            for answer in ("Hello there.", "Yo.", "Hello there.", "ok")]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    data = prepare_data(DataConfig(train_file=str(path), val_size=0, test_size=0, max_seq_length=26,
+                                   overlong="truncate"), tiny_tokenizer)
+    train = data.report.to_dict()["splits"]["train"]
+    assert (train["rows"], train["kept"], train["truncated"], train["dropped"]) == (4, 4, 2, {})
+    assert "truncated     2" in data.report.to_text()
+    stored = sorted((list(t.input_ids), list(t.labels)) for t in data.train)
+    cut = (PROMPT_IDS + [42, 71, 78, 78], [IGNORE] * 22 + [42, 71, 78, 78])
+    assert stored.count(cut) == 2  # both long rows, as kept in the memory-mapped token store
+    assert sorted(len(ids) for ids, _ in stored) == [25, 26, 26, 26]  # "ok" + EOS: 25; "Yo." + EOS: exactly 26
+    assert sum(ids[-1] == tiny_tokenizer.eos_token_id for ids, _ in stored) == 2  # the two short rows end in EOS
 
 
 def test_prepare_report_counts(tmp_path, tiny_tokenizer):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -112,8 +114,61 @@ def test_resume_refuses_a_changed_run_unless_forced(make_config, tmp_path, chang
     changed = make_config(**{**RESUMABLE, **sections})
     with pytest.raises(CheckpointError, match=field.replace(".", r"\.")):
         train(changed, log=quiet, resume=True)
-    if field != "method":  # a different method cannot even load the weights; batching can be forced
-        train(changed, log=quiet, resume=True, force=True)
+    assert [s for s, _ in losses(Path(cfg.output.dir))] == [1, 2, 3, 4]  # the refusal changed nothing
+
+
+# Rows per optimizer step after the change: micro 4 × accumulation 2, or micro 2 × accumulation 1 (was 2 × 2).
+FORCED = [({"micro_batch_size": 4}, "train.micro_batch_size: was 2, now 4", 8),
+          ({"grad_accum_steps": 1}, "train.grad_accum_steps: was 2, now 1", 2)]
+
+
+@pytest.mark.parametrize("change,warning,rows_per_step", FORCED, ids=["micro_batch_size", "grad_accum_steps"])
+def test_a_forced_resume_warns_continues_from_the_checkpoint_and_applies_the_change(
+        make_config, tmp_path, change, warning, rows_per_step):
+    from tunesmith.training.metrics import read_metrics
+
+    cfg = make_config(**RESUMABLE)
+    with pytest.raises(TrainingStopped):
+        train(cfg, log=quiet, stop_at_step=4)
+    before = losses(Path(cfg.output.dir))
+    changed = make_config(**{**RESUMABLE, "train": {**RESUMABLE["train"], **change}})
+    lines: list[str] = []
+    with pytest.raises(TrainingStopped, match="stopped after step 6"):
+        train(changed, log=lines.append, resume=True, force=True, stop_at_step=6)
+    run = Path(cfg.output.dir)
+
+    # The warning lists exactly the changed setting, with both values.
+    assert [line for line in lines if line.startswith("warning (--force)")] == [f"warning (--force): {warning}"]
+    # It continued from the checkpoint's step: steps 1-4 are the interrupted run's, then 5 and 6 once each,
+    # and the learning rate of step 5 is the schedule's at step 5 (cosine over 12 steps after 2 of warmup:
+    # 1e-2 × ½(1 + cos(0.2π))), not a restarted warmup's first value (1e-2 × ½).
+    assert any(line.startswith("resuming from step-000004: step 4 of 12") for line in lines), lines
+    assert losses(run)[:4] == before and [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    step5 = next(m for m in read_metrics(run / "metrics.jsonl") if m["step"] == 5 and "lr" in m)
+    assert step5["lr"] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(0.2 * math.pi)), rel=1e-12)
+    # The change took effect: 4 steps of 4 rows before, then 2 steps of the new size.
+    state = json.loads((run / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data_position"] == 4 * 4 + 2 * rows_per_step
+    assert state["fingerprint"]["train." + next(iter(change))] == next(iter(change.values()))
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a forced resume keeps the checkpoint's micro-batch size (saved for "
+                   "auto_micro_batch) even when train.micro_batch_size was changed: rows per step follow the new "
+                   "setting, micro-batches stay at 2 rows")
+def test_a_forced_resume_uses_the_new_micro_batch_size(make_config, monkeypatch):
+    from tunesmith.training import loop
+
+    cfg = make_config(**RESUMABLE)
+    with pytest.raises(TrainingStopped):
+        train(cfg, log=quiet, stop_at_step=4)
+    sizes: list[int] = []
+    real = loop.micro_batches
+    monkeypatch.setattr(loop, "micro_batches", lambda rows, size, pad_id, packed=False: sizes.append(size) or real(
+        rows, size, pad_id, packed))
+    changed = make_config(**{**RESUMABLE, "train": {**RESUMABLE["train"], "micro_batch_size": 4}})
+    with pytest.raises(TrainingStopped):
+        train(changed, log=quiet, resume=True, force=True, stop_at_step=5)
+    assert sizes == [4]
 
 
 def test_resume_refuses_changed_data(make_config, tmp_path):
@@ -359,18 +414,30 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes_exactly(make_config,
     assert_same_run(whole, run)
 
 
+FAULT_SEED = int(os.environ.get("TUNESMITH_FAULT_SEED", "1234"))
+"""Seeds the moment of the kill -9 below; a failure names it, and TUNESMITH_FAULT_SEED=N replays it."""
+
+
 def test_kill_9_at_a_random_moment_leaves_a_resumable_run(make_config, tmp_path):
+    delay = random.Random(FAULT_SEED).uniform(0.0, 0.5)  # anywhere: mid-step, mid-save, mid-eval
+    replay = f"kill -9 {delay:.3f} s after checkpoint step 3 appeared; replay with TUNESMITH_FAULT_SEED={FAULT_SEED}"
+    print(replay)
     whole, config, run, proc = _launch(make_config, tmp_path, "killed", after_step=3)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # anywhere: mid-step, mid-save, mid-eval
+    time.sleep(delay)
     proc.kill()
     proc.wait(timeout=30)
-    assert json.loads((run / "run.json").read_text())["status"] == "running"  # it really died mid-run
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "running", replay  # it really died mid-run
+    done = sorted(p.name for p in (run / "checkpoints").iterdir())
     resumed = _cli(config, "--resume")
     _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert_same_run(whole, run)
-    assert json.loads((run / "run.json").read_text())["resumed_from"].startswith("step-")
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert resumed.returncode == 0, f"{replay}; checkpoints at the kill: {done}\n{err}"
+    try:
+        assert_same_run(whole, run)
+        assert json.loads((run / "run.json").read_text())["resumed_from"].startswith("step-")
+        assert not list((run / "checkpoints").glob(".tmp-*"))
+    except AssertionError as exc:
+        raise AssertionError(f"{replay}; checkpoints at the kill: {done}") from exc
 
 
 # ----------------------------------------------------------------------------- data checks
@@ -457,27 +524,65 @@ def test_a_pickle_in_a_checkpoint_is_never_loaded(make_config, tmp_path):
     assert not marker.exists()
 
 
+LOAD_IN_A_FRESH_PROCESS = r"""
+import json, re, sys
+from pathlib import Path
+from tunesmith.errors import ModelError
+from tunesmith.models import load_causal_lm, resolve
+
+
+# This process's own memory in KiB. VmHWM is its peak since exec; ru_maxrss would not do, since it starts
+# from the peak of the parent that forked it (here: the whole test session's).
+def status(field):
+    return int(re.search(field + r":\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+good, *bad = sys.argv[1:]
+load_causal_lm(resolve(good))  # every import and code path of a load, on a model that is fine
+rss_before = status("VmRSS")
+errors = []
+for path in bad:
+    try:
+        load_causal_lm(resolve(path))
+        errors.append(None)
+    except ModelError as exc:
+        errors.append(str(exc))
+print(json.dumps({"rss_before_kb": rss_before, "peak_after_kb": status("VmHWM"), "errors": errors}))
+"""
+
+
 def test_malformed_safetensors_or_gguf_header_is_a_clear_error(tmp_path, tiny_model_dir):
-    import resource
+    """The loads run in a fresh process, so its peak resident memory is its own (this one's high-water mark
+    was raised by earlier tests): after a good tiny load, the two bad ones may not raise the peak by more
+    than 32 MB above the memory in use before them, though their headers claim a TiB and 2^62 entries."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads the peak resident memory of a process from /proc (Linux)")
     import shutil
     import struct
-
-    from tunesmith.errors import ModelError
-    from tunesmith.models import load_causal_lm, resolve
 
     bad = tmp_path / "bad-model"
     shutil.copytree(tiny_model_dir, bad)
     (bad / "model.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")  # header claims 1 TiB
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(ModelError, match="could not load the model from .*bad-model.*damaged"):
-        load_causal_lm(resolve(str(bad)))
-
     gguf = tmp_path / "bad.gguf"
     gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 2**62, 2**62) + b"\0" * 64)  # absurd tensor/key counts
-    with pytest.raises(ModelError, match="bad.gguf"):
-        load_causal_lm(resolve(str(gguf)))
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert grown_mb < 500  # no attempt to allocate what the headers claim
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tiny_model_dir), str(bad), str(gguf)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    safetensors_error, gguf_error = result["errors"]
+    # Each names the file and says what is wrong with it, in the reader's own words: another failure
+    # (a missing file, a refused format, an out-of-memory) would read differently.
+    assert re.fullmatch(r"could not load the model from \S*bad-model: it is damaged, incomplete or not a supported "
+                        r"model\.\n  SafetensorError: Error while deserializing header: header too large",
+                        safetensors_error or ""), safetensors_error
+    assert re.fullmatch(r"could not load the model from \S*bad\.gguf: it is damaged, incomplete or not a supported "
+                        r"model\.\n  error: unpack_from requires a buffer of at least \d+ bytes .*\(actual buffer "
+                        r"size is 88\)", gguf_error or ""), gguf_error  # it read past the file's 88 bytes, no further
+    grown_mb = (result["peak_after_kb"] - result["rss_before_kb"]) / 1024
+    print(f"peak resident memory {grown_mb:.1f} MB above the memory in use before the bad loads")
+    assert grown_mb < 32  # no attempt to allocate what the headers claim
 
 
 def test_remote_code_stays_off_unless_asked(tmp_path, tiny_model_dir, monkeypatch):

@@ -209,16 +209,75 @@ def test_qlora_trains_lora_on_a_quantized_base_and_merges_into_its_dequantized_w
     assert gap < (on_original - want).abs().max()
 
 
-def test_qlora_run_applies_its_quantized_base_when_loaded(make_config, tiny64_dir):
-    from tunesmith.run_dir import load_for_inference
-    from tunesmith.training.loop import train
+def capture_trained(monkeypatch, probe):
+    """What `probe(model)` gives on the model train() is about to save as final/: the trained model itself."""
+    from tunesmith.training import loop
 
+    seen: dict = {}
+    real = loop.save_final
+
+    def capturing(method, model, run_dir):
+        was_training = model.training
+        seen["value"] = probe(model)
+        model.train(was_training)
+        return real(method, model, run_dir)
+
+    monkeypatch.setattr(loop, "save_final", capturing)
+    return seen
+
+
+def last_val_loss(run) -> float:
+    import json
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if "val_loss" in r][-1]
+
+
+def test_qlora_run_reloads_the_trained_model_on_a_4bit_base(make_config, tiny64_dir, monkeypatch):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tunesmith.evaluate import mean_loss
+    from tunesmith.run_dir import load_for_inference
+    from tunesmith.training.loop import load_data_and_tokenizer, train
+
+    trained = capture_trained(monkeypatch, lambda model: logits(model, IDS))
     cfg = make_config(model={"name_or_path": str(tiny64_dir)}, method={"name": "qlora", "r": 4},
-                      train={"max_steps": 2, "lr": 1e-2})
+                      train={"max_steps": 4, "lr": 1e-2}, eval={"interval": 4})
     run = train(cfg, log=lambda *_: None)
     loaded = load_for_inference(str(run))
     assert loaded.method.name == "qlora"
-    assert loaded.model.get_base_model().is_quantized
+    torch.testing.assert_close(logits(loaded.model, IDS), trained["value"], rtol=0, atol=0)  # what was trained
+
+    # The base really is 4-bit: every linear of the decoder stores its weight as NF4 codes, two per byte.
+    shapes = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
+              "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
+    quantized = [(n, m) for n, m in loaded.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * len(shapes)
+    for name, module in quantized:
+        i, o = shapes[name.removesuffix(".base_layer").rsplit(".", 1)[-1]]
+        assert module.weight.dtype == torch.uint8 and module.weight.numel() == i * o // 2, name
+        assert tuple(module.weight.quant_state.shape) == (o, i) and module.weight.quant_state.quant_type == "nf4"
+
+    # The same adapter through peft on a base quantized by transformers directly gives the same logits; on
+    # the full-precision base it does not (the quantization gap), so the loaded base was not fp32.
+    direct = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        str(tiny64_dir), quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)), run / "final")
+    torch.testing.assert_close(logits(direct, IDS), trained["value"], rtol=0, atol=0)
+    on_fp32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny64_dir)), run / "final")
+    assert not torch.allclose(logits(on_fp32, IDS), trained["value"], atol=1e-3)
+
+    # Training helped: on the validation rows the adapter beats the adapter switched off, which is exactly
+    # where the run started (LoRA's B starts at zero); and the reloaded model scores what the run recorded.
+    _, tokenizer, data = load_data_and_tokenizer(cfg)
+    val_loss, count = mean_loss(loaded.model, data.val, 4, tokenizer.pad_token_id)
+    with loaded.model.disable_adapter():
+        start_loss, _ = mean_loss(loaded.model, data.val, 4, tokenizer.pad_token_id)
+    assert count > 0 and val_loss < start_loss, (val_loss, start_loss)
+    assert val_loss == pytest.approx(last_val_loss(run), rel=1e-6)
 
 
 def test_qlora_without_bitsandbytes_fails_at_config_validation(monkeypatch):
@@ -328,22 +387,91 @@ def test_prompt_starts_from_the_embeddings_of_a_text(tiny_model_dir):
     torch.testing.assert_close(prompt.detach(), embeddings[ids])
 
 
-def test_a_prompt_tuned_run_evaluates_and_generates(make_config):
+def test_a_prompt_tuned_run_evaluates_and_generates(make_config, tiny_model_dir, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from tunesmith.evaluate import mean_loss
     from tunesmith.generate import Sampling, generate_batch
+    from tunesmith.methods.prompt_tuning import PromptTuningMethod
+    from tunesmith.models import ModelSource, load_tokenizer
     from tunesmith.run_dir import load_for_inference
+    from tunesmith.training import loop
     from tunesmith.training.loop import load_data_and_tokenizer, train
 
-    cfg = make_config(method={"name": "prompt", "num_virtual_tokens": 4}, train={"max_steps": 3, "lr": 1e-1,
-                                                                                 "packing": True})
+    initial: dict = {}
+    real_build = PromptTuningMethod.build
+
+    def build(self, model):  # the soft prompt the run starts from
+        built = real_build(self, model)
+        initial["prompt"] = {n: p.detach().clone() for n, p in built.named_parameters() if p.requires_grad}
+        return built
+
+    monkeypatch.setattr(PromptTuningMethod, "build", build)
+    trained = capture_trained(monkeypatch, lambda model: logits(model, IDS))
+    packed: list[bool] = []
+    real_batches = loop.micro_batches
+    monkeypatch.setattr(loop, "micro_batches", lambda rows, size, pad_id, p=False: packed.append(p) or real_batches(
+        rows, size, pad_id, p))
+
+    cfg = make_config(method={"name": "prompt", "num_virtual_tokens": 4},
+                      train={"max_steps": 6, "lr": 1e-1, "packing": True}, eval={"interval": 3})
     lines: list[str] = []
     run = train(cfg, log=lines.append)
     assert any("packing is off" in line for line in lines)  # soft prompts and packed rows do not mix
+    assert packed and not any(packed)  # and the loop really padded them
     loaded = load_for_inference(str(run))
     assert loaded.method.name == "prompt"
+    torch.testing.assert_close(logits(loaded.model, IDS), trained["value"], rtol=0, atol=0)
+
+    # On the validation rows the trained prompt beats the prompt the run started from, and the reloaded
+    # model scores what the run itself recorded at its last step.
     _, tokenizer, data = load_data_and_tokenizer(cfg)
-    loss, count = mean_loss(loaded.model, data.val, 4, tokenizer.pad_token_id)
-    assert count > 0 and 0 < loss < 20
-    reply = generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": "hi"}]],
-                           Sampling(max_new_tokens=5))[0]
-    assert isinstance(reply, str)
+    val_loss, count = mean_loss(loaded.model, data.val, 4, tokenizer.pad_token_id)
+    assert count > 0 and val_loss == pytest.approx(last_val_loss(run), rel=1e-6)
+    params = {n: p for n, p in loaded.model.named_parameters() if "prompt_encoder" in n}
+    assert len(params) == len(initial["prompt"]) == 1
+    with torch.no_grad():
+        next(iter(params.values())).copy_(next(iter(initial["prompt"].values())))
+    start_loss, _ = mean_loss(loaded.model, data.val, 4, tokenizer.pad_token_id)
+    assert val_loss < start_loss, (val_loss, start_loss)
+    loaded = load_for_inference(str(run))  # the trained prompt again
+
+    # Replies equal greedy generation through peft directly, from the run's own tokenizer and template.
+    # (One conversation per batch: left-padded batches of soft-prompted rows differ, see the xfail below.)
+    convos = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "shout river blue seven"}]]
+    replies = generate_batch(loaded.model, loaded.tokenizer, convos, Sampling(max_new_tokens=6), batch_size=1)
+    run_tokenizer = load_tokenizer(ModelSource(str(run / "tokenizer")))
+    direct = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), run / "final").eval()
+    eos = run_tokenizer.eos_token_id
+    for convo, reply in zip(convos, replies):
+        ids = torch.tensor([run_tokenizer(run_tokenizer.apply_chat_template(convo, tokenize=False,
+                                                                            add_generation_prompt=True),
+                                          add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = direct.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+        new = out[: out.index(eos)] if eos in out else out
+        assert new and reply == run_tokenizer.decode(new, skip_special_tokens=True), (convo, reply)
+        with torch.no_grad():  # the prompt changes what the model predicts
+            prompted = direct(input_ids=ids).logits[0, -1]
+            plain = direct.get_base_model()(input_ids=ids).logits[0, -1]
+        assert not torch.allclose(plain, prompted, atol=1e-3)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: peft ignores position_ids for prompt tuning ('Position ids are "
+                   "not supported ... Ignoring'), so a left-padded batch does not give each conversation its own "
+                   "positions and batched greedy replies differ from the replies the conversations get alone "
+                   "(generate.generate_batch pads soft-prompted rows; the plain base model batches correctly)")
+def test_a_soft_prompt_gives_the_same_greedy_replies_batched_as_alone():
+    from conftest import build_tiny_tokenizer
+    from tunesmith.generate import Sampling, generate_batch
+
+    tokenizer = build_tiny_tokenizer()
+    method = get_method(MethodConfig(name="prompt", num_virtual_tokens=4))
+    model = method.build(build_tiny_model(len(tokenizer)))
+    perturb(model)
+    model.eval()
+    convos = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "shout river blue seven"}]]
+    alone = [generate_batch(model, tokenizer, [c], Sampling(max_new_tokens=6))[0] for c in convos]
+    assert generate_batch(model, tokenizer, convos, Sampling(max_new_tokens=6)) == alone
