@@ -32,8 +32,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
 
-    from tunesmith.bench import bench
-    from tunesmith.config import config_from_dict
+    from tunesmith.training.bench import bench
+    from tunesmith.config.schema import config_from_dict
 
     with tempfile.TemporaryDirectory(prefix="bench-checks-") as tmp:
         tmp = Path(tmp)

@@ -39,11 +39,11 @@ CASES = {
 # One case, in a fresh process: bench it, then the estimate doctor would give for the same config.
 CHILD = r"""
 import json, sys, torch
-from tunesmith.config import load_config
-from tunesmith.bench import bench
-from tunesmith.estimate import estimate_memory
-from tunesmith.preflight import model_shape, plan_for, this_machine
-from tunesmith.training.loop import load_data_and_tokenizer
+from tunesmith.config.schema import load_config
+from tunesmith.training.bench import bench
+from tunesmith.planning.estimate import estimate_memory
+from tunesmith.planning.preflight import model_shape, plan_for, this_machine
+from tunesmith.data.pipeline import load_data_and_tokenizer
 cfg = load_config(sys.argv[1], sys.argv[3:])
 machine = this_machine(cfg.train.device, cfg.train.precision)  # before training: the card's free memory
 result = bench(cfg, steps=int(sys.argv[2]), log=lambda *a, **k: None)
@@ -117,7 +117,7 @@ def main() -> None:
 
     model = args.model
     if model is None:
-        from tunesmith.models import ensure_short_name
+        from tunesmith.models.loading import ensure_short_name
 
         like = args.like or ensure_short_name("smollm2-135m-instruct")
         model = str(Path(tempfile.mkdtemp(prefix=f"tunesmith-{args.shape}-")))

@@ -44,7 +44,7 @@ def measure(data: Path, work: Path) -> tuple[float, float, str]:
         "model": {"name_or_path": "smollm2-135m-instruct"},
         "data": {"train_file": str(data), "val_size": 0.01, "test_size": 0.01, "max_seq_length": 1024},
     }))
-    cmd = [sys.executable, "-c", "import resource, sys; from tunesmith.cli import main; sys.argv=['tunesmith', 'prepare', sys.argv[1]];"
+    cmd = [sys.executable, "-c", "import resource, sys; from tunesmith.cli.app import main; sys.argv=['tunesmith', 'prepare', sys.argv[1]];"
            "\ntry: main()\nfinally: print('PEAK_RSS_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)",
            str(config)]
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith.estimate import GiB, Plan, estimate_memory, shape_from_model
+from tunesmith.planning.estimate import GiB, Plan, estimate_memory, shape_from_model
 
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
          "problem hand part place case week company system program question work government number night point "
@@ -60,7 +60,7 @@ TINY = {  # Llama-style models with SmolLM2's vocabulary (and tokenizer), random
 def build_tiny(name: str, work: Path) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tunesmith.models import ensure_short_name
+    from tunesmith.models.loading import ensure_short_name
 
     out = work / name
     if (out / "config.json").exists():

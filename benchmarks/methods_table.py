@@ -55,7 +55,7 @@ METHODS = {
 # Runs the CLI and, on exit, reports the process's own peak resident memory (KiB) on stderr.
 CHILD = ("import atexit, resource, sys; "
          "atexit.register(lambda: print('PEAK_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-         "file=sys.stderr)); from tunesmith.cli import main; sys.argv = ['tunesmith', *sys.argv[1:]]; main()")
+         "file=sys.stderr)); from tunesmith.cli.app import main; sys.argv = ['tunesmith', *sys.argv[1:]]; main()")
 
 
 def run_one(overrides: list[str], steps: int, out: Path) -> dict:

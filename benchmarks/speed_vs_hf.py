@@ -45,7 +45,7 @@ def tunesmith_side(model: str, train: Path, out: Path, args) -> dict:
     (out / "config.json").write_text(json.dumps(config))
     script = (
         "import json, resource, sys, torch\n"
-        "from tunesmith.config import config_from_dict\n"
+        "from tunesmith.config.schema import config_from_dict\n"
         "from tunesmith.training.loop import train\n"
         "run = train(config_from_dict(json.load(open(sys.argv[1]))), log=lambda *a: None)\n"
         "info = json.load(open(run / 'run.json'))\n"
@@ -80,10 +80,10 @@ def validation_loss(model_dir: Path, adapter: str, val: Path, max_length: int) -
     """One evaluator for both sides: the base model + the adapter, token-weighted loss on the val rows."""
     from peft import PeftModel
 
-    from tunesmith.config import DataConfig
+    from tunesmith.config.schema import DataConfig
     from tunesmith.data.pipeline import load_examples, tokenize_split
-    from tunesmith.evaluate import mean_loss
-    from tunesmith.models import ModelSource, load_causal_lm, load_tokenizer
+    from tunesmith.stages.tokens import mean_loss
+    from tunesmith.models.loading import ModelSource, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSource(str(model_dir)))
     cfg = DataConfig(train_file=str(val), max_seq_length=max_length, overlong="truncate")
@@ -97,7 +97,7 @@ def flops_per_token(model_dir: Path) -> float:
     """LoRA training ≈ 4 × (frozen parameters touched per token): forward 2N, backward through activations 2N
     (no weight gradients for frozen weights). The LM head counts only where tunesmith computes it, so this
     is the same, conservative count for both sides."""
-    from tunesmith.models import ModelSource, load_causal_lm
+    from tunesmith.models.loading import ModelSource, load_causal_lm
 
     model = load_causal_lm(ModelSource(str(model_dir)))
     n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
@@ -124,7 +124,7 @@ def main() -> None:
 
     import speed_data
 
-    from tunesmith.models import resolve
+    from tunesmith.models.loading import resolve
 
     model_dir = Path(resolve(args.model).path)
     work = args.work or Path(tempfile.mkdtemp(prefix="tunesmith-speed-"))
@@ -142,7 +142,7 @@ def main() -> None:
     per_token = flops_per_token(model_dir)
     import torch
 
-    from tunesmith.bench import matmul_peak
+    from tunesmith.planning.speed import matmul_peak
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"

@@ -91,7 +91,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture()
 def make_config(tmp_path, tiny_model_dir):
     """A Config for the tiny model on toy rows, with overrides given as nested dicts."""
-    from tunesmith.config import config_from_dict
+    from tunesmith.config.schema import config_from_dict
 
     def make(rows: list | None = None, **sections) -> "object":
         data_file = write_jsonl(tmp_path / "data.jsonl", rows if rows is not None else alpaca_rows(40))

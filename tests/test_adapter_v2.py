@@ -15,7 +15,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer
 from test_faults import RESUMABLE, assert_same_run, losses, quiet
 from test_methods_and_export import IDS, logits, perturb
 from test_more_methods import LAYERS, SHAPES
-from tunesmith.config import MethodConfig
+from tunesmith.config.schema import MethodConfig
 from tunesmith.errors import ConfigError, TrainingStopped
 from tunesmith.methods import get_method, parameter_counts
 from tunesmith.methods.llama_adapter_v2 import EXTRAS
@@ -101,8 +101,8 @@ def test_missing_or_mismatched_extras_are_clear_errors_naming_the_directory(tmp_
 
 
 def test_bf16_keeps_the_scales_fp32_and_the_activations_bf16():
-    from tunesmith.training.loop import store_frozen_weights_in_bf16
-    from tunesmith.training.loss import token_loss_sum
+    from tunesmith.training.session import store_frozen_weights_in_bf16
+    from tunesmith.stages.tokens import token_loss_sum
 
     m, model = trained()
     assert store_frozen_weights_in_bf16(model) == LAYERS * len(SHAPES) + 1  # every frozen linear, and the LM head
@@ -119,8 +119,8 @@ def test_bf16_keeps_the_scales_fp32_and_the_activations_bf16():
 
 
 def test_a_run_lowers_the_loss_resumes_exactly_and_its_directory_applies_the_method(make_config, tmp_path):
-    from tunesmith.export import export_run
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.export.merged import export_run
+    from tunesmith.inference.loading import load_for_inference
     from tunesmith.training.loop import train
 
     settings = {**RESUMABLE, "train": {**RESUMABLE["train"], "lr": 5e-2}}
@@ -173,8 +173,8 @@ def test_gpt2_scales_its_conv1d_layers_and_trains_its_layer_norms():
 
 
 def test_the_estimate_counts_the_same_trainable_parameters(tiny_model_dir):
-    from tunesmith.estimate import Plan, estimate_memory, shape_from_model, trainable_params
-    from tunesmith.models import ModelSource, load_causal_lm
+    from tunesmith.planning.estimate import Plan, estimate_memory, shape_from_model, trainable_params
+    from tunesmith.models.loading import ModelSource, load_causal_lm
 
     model = method().build(load_causal_lm(ModelSource(str(tiny_model_dir))))
     plan = Plan(shape_from_model(str(tiny_model_dir)), method="adapter_v2", adapter_layers=ADAPTER_LAYERS,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer, write_jsonl
-from tunesmith.bench import bench, training_flops_per_token
+from tunesmith.training.bench import bench
+from tunesmith.planning.speed import training_flops_per_token
 
 # The tiny Llama of conftest: vocabulary 259 (3 specials + 256 bytes), hidden 32, MLP 64, 2 layers, 4 query
 # heads and 2 key/value heads of width 8, untied LM head.
@@ -43,7 +44,7 @@ def test_flops_per_token_agree_with_torchs_flop_counter(method, tolerance):
     4 % under). A wrong factor (4 N for full, or 6 N for LoRA) is 25 % or more off."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tunesmith.config import MethodConfig
+    from tunesmith.config.schema import MethodConfig
     from tunesmith.methods import get_method, parameter_counts
 
     model = get_method(MethodConfig(name=method, r=4)).build(build_tiny_model(VOCAB))
@@ -75,8 +76,8 @@ def hf_token_count(row: dict) -> int:
 def test_bench_counts_the_datas_real_tokens_and_leaves_output_dir_alone(make_config, tmp_path, monkeypatch):
     import tempfile
 
-    from tunesmith import bench as bench_module
-    from tunesmith.bench import device_name, known_speed
+    from tunesmith.training import bench as bench_module
+    from tunesmith.planning.speed import device_name, known_speed
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     scratch = tmp_path / "tmp"
@@ -114,8 +115,8 @@ def test_bench_counts_the_datas_real_tokens_and_leaves_output_dir_alone(make_con
     other = known_speed(here, "fp32", "another-model", "full")  # any record's FLOP/s still carries over
     assert other["achieved_tflops"] == result.achieved_tflops
 
-    from tunesmith.estimate import Plan, shape_from_model
-    from tunesmith.preflight import this_machine, training_speed
+    from tunesmith.planning.estimate import Plan, shape_from_model
+    from tunesmith.planning.preflight import this_machine, training_speed
 
     plan = Plan(shape_from_model(cfg.model.name_or_path), "lora", "fp32", lora_r=4)
     speed = training_speed(plan, this_machine("cpu", "fp32"), cfg.model.name_or_path, measure=False)

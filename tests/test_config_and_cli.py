@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunesmith.config import load_config, parse_overrides
+from tunesmith.config.schema import load_config, parse_overrides
 from tunesmith.errors import ConfigError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_every_shipped_config_validates():
 
 
 def test_missing_local_model_and_offline_hub_id_are_clear_errors(tmp_path, monkeypatch):
-    from tunesmith.models import load_tokenizer, resolve
+    from tunesmith.models.loading import load_tokenizer, resolve
 
     with pytest.raises(ModelError, match="not found"):
         resolve(str(tmp_path / "nothing-here"))
@@ -75,7 +75,7 @@ def test_missing_local_model_and_offline_hub_id_are_clear_errors(tmp_path, monke
 
 
 def test_gguf_file_resolves_to_its_directory(tmp_path):
-    from tunesmith.models import resolve
+    from tunesmith.models.loading import resolve
 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert resolve(str(tmp_path / "m.gguf")).kwargs() == {"gguf_file": "m.gguf"}

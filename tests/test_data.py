@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import TINY_TEMPLATE, alpaca_rows, build_tiny_tokenizer, write_jsonl
-from tunesmith.config import DataConfig
+from tunesmith.config.schema import DataConfig
 from tunesmith.data.formats import Example
 from tunesmith.data.pipeline import load_examples, prepare_data, show_examples, tokenize_split
 from tunesmith.data.reading import read_rows
@@ -76,7 +76,7 @@ def test_eos_is_a_trained_label_when_pad_equals_eos(tiny_tokenizer):
     assert labels[-1] == tiny_tokenizer.eos_token_id
     # and collation pads with the same id without masking the real EOS
     from tunesmith.data.token_store import Tokenized
-    from tunesmith.training.batching import collate
+    from tunesmith.data.batching import collate
 
     short, long_ = Tokenized(ids, labels), Tokenized(ids + ids, labels + labels)
     batch = collate([short, long_], tiny_tokenizer.pad_token_id)

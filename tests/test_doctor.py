@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.doctor import PACKAGES, Package, check_environment, check_package, report
+from tunesmith.planning.doctor import PACKAGES, Package, check_environment, check_package, report
 
 PKG = Package("somepkg", minimum="1.2", tested="1.5.3", needed_for="a feature")
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tunesmith.config import load_config
+from tunesmith.config.schema import load_config
 
 pytestmark = pytest.mark.e2e
 
@@ -32,8 +32,9 @@ def demo_run(tmp_path_factory):
 
 
 def test_short_lora_run_raises_exact_match_well_above_base(demo_run):
-    from tunesmith.evaluate import evaluate_file
-    from tunesmith.run_dir import load_for_inference, read_run_config
+    from tunesmith.evaluation.evaluate import evaluate_file
+    from tunesmith.inference.loading import load_for_inference
+    from tunesmith.run.run_dir import read_run_config
 
     test_file = demo_run / "data" / "test.jsonl"
     tuned = evaluate_file(load_for_inference(demo_run), test_file, max_new_tokens=64)
@@ -54,9 +55,9 @@ def test_merged_export_reproduces_the_adapter_models_greedy_output(demo_run, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.templates import encode_prompt
-    from tunesmith.export import export_run
-    from tunesmith.generate import Sampling, generate_batch
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.export.merged import export_run
+    from tunesmith.inference.generate import Sampling, generate_batch
+    from tunesmith.inference.loading import load_for_inference
 
     loaded = load_for_inference(demo_run)
     rows = [json.loads(x) for x in (demo_run / "data" / "test.jsonl").read_text().splitlines()[:4]]

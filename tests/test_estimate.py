@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tunesmith.config import MethodConfig, TrainConfig
-from tunesmith.estimate import (GiB, HEAD_SAVED, Plan, estimate_memory, layer_activation_bytes, parse_size,
+from tunesmith.config.schema import MethodConfig, TrainConfig
+from tunesmith.planning.estimate import (GiB, HEAD_SAVED, Plan, estimate_memory, layer_activation_bytes, parse_size,
                                 shape_from_model, shape_from_params, trainable_params)
 
 
 def saved_activation_bytes(model, batch, precision: str) -> int:
     """Bytes of the tensors autograd keeps for the backward pass (parameters excluded, shared storage once)."""
-    from tunesmith.device import autocast
-    from tunesmith.training.loss import token_loss_sum
+    from tunesmith.models.device import autocast
+    from tunesmith.stages.tokens import token_loss_sum
 
     seen: dict[int, int] = {}
     held = []  # a packed tensor stays alive, so no later storage can take its address and be counted as it
@@ -48,7 +48,7 @@ def llama(layers: int, vocab: int = 512, **dims):
 def measured(method: str, precision: str, layers: int, tokens: int, trainable_layers: int = 1,
              checkpointing: bool = False, vocab: int = 512) -> int:
     from tunesmith.methods import get_method
-    from tunesmith.training.loop import apply_speed_switches
+    from tunesmith.training.session import apply_speed_switches
 
     m = get_method(MethodConfig(name=method, r=8, trainable_layers=trainable_layers))
     model = m.build(llama(layers, vocab))
@@ -65,7 +65,7 @@ def per_token(**kw) -> float:
 
 
 def shape_of(layers: int, vocab: int = 512):
-    from tunesmith.estimate import ModelShape
+    from tunesmith.planning.estimate import ModelShape
 
     return ModelShape("probe", params=0, layers=layers, hidden=80, intermediate=200, heads=5, kv_heads=1,
                       head_dim=16, vocab=vocab, tied=True)
@@ -88,7 +88,7 @@ def test_activation_bytes_per_layer_and_token_are_what_autograd_keeps(method, pr
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_adapter_v2_layers_keep_their_linear_outputs_for_the_scales(precision):
     from tunesmith.methods import get_method
-    from tunesmith.training.loop import apply_speed_switches
+    from tunesmith.training.session import apply_speed_switches
 
     def kept(layers: int, tokens: int) -> int:
         method = get_method(MethodConfig(name="adapter_v2", adapter_layers=1, adapter_len=4))
@@ -119,7 +119,7 @@ def test_frozen_layers_below_the_trained_ones_keep_nothing_and_checkpointing_kee
 
 def test_shape_and_trainable_counts_match_the_real_model(tiny_model_dir):
     from tunesmith.methods import get_method, parameter_counts
-    from tunesmith.models import ModelSource, load_causal_lm
+    from tunesmith.models.loading import ModelSource, load_causal_lm
 
     shape = shape_from_model(str(tiny_model_dir))
     base = load_causal_lm(ModelSource(str(tiny_model_dir)))
@@ -222,8 +222,8 @@ def test_estimate_command(tiny_model_dir):
                                        "badam"])
 def test_optimizer_state_bytes_are_what_the_optimizer_keeps(optimizer):
     """After one step, the bytes in the real optimizer's state (GaLore's projections included) are the estimate's."""
-    from tunesmith.estimate import ModelShape, optimizer_memory
-    from tunesmith.training.optim import build_optimizer
+    from tunesmith.planning.estimate import ModelShape, optimizer_memory
+    from tunesmith.optim.build import build_optimizer
 
     model = llama(2, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=32)
@@ -256,7 +256,7 @@ def test_optimizer_state_bytes_are_what_the_optimizer_keeps(optimizer):
 
 def test_estimate_refuses_an_optimizer_the_method_cannot_use():
     from tunesmith.errors import ConfigError
-    from tunesmith.estimate import estimate_command
+    from tunesmith.planning.preflight import estimate_command
 
     with pytest.raises(ConfigError, match="train.optimizer badam works on the model's own weights"):
         estimate_command(model=None, params=7e9, method="lora", precision="bf16", micro_batch=1, seq=512,

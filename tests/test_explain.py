@@ -7,10 +7,10 @@ import pytest
 from tunesmith.methods import METHODS
 import yaml
 
-from tunesmith.config import config_from_dict
+from tunesmith.config.schema import config_from_dict
 from tunesmith.errors import ConfigError
-from tunesmith.explain import config_fields, explain, resolve_topic, texts
-from tunesmith.init_config import init_config
+from tunesmith.config.explain import config_fields, explain, resolve_topic, texts
+from tunesmith.planning.init_config import init_config
 
 REQUIRED = ("meaning", "unit", "typical", "interacts")
 CONCEPTS = ("loss", "val_loss", "perplexity", "overfitting", "effective_batch_size", "tokens_per_s",
@@ -34,7 +34,7 @@ def test_every_config_field_has_an_explanation():
 
 
 def test_every_section_and_the_output_words_are_explained():
-    from tunesmith.config import Config
+    from tunesmith.config.schema import Config
 
     assert set(Config.model_fields) <= set(texts()["sections"])
     assert set(CONCEPTS) <= set(texts()["concepts"])

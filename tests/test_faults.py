@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tunesmith.errors import TrainingStopped, TunesmithError
-from tunesmith.training.checkpoint import CheckpointError
+from tunesmith.run.checkpoint import CheckpointError
 from tunesmith.training.loop import train
 
 
@@ -125,7 +125,7 @@ FORCED = [({"micro_batch_size": 4}, "train.micro_batch_size: was 2, now 4", 8),
 @pytest.mark.parametrize("change,warning,rows_per_step", FORCED, ids=["micro_batch_size", "grad_accum_steps"])
 def test_a_forced_resume_warns_continues_from_the_checkpoint_and_applies_the_change(
         make_config, tmp_path, change, warning, rows_per_step):
-    from tunesmith.training.metrics import read_metrics
+    from tunesmith.run.metrics import read_metrics
 
     cfg = make_config(**RESUMABLE)
     with pytest.raises(TrainingStopped):
@@ -156,14 +156,14 @@ def test_a_forced_resume_warns_continues_from_the_checkpoint_and_applies_the_cha
                    "auto_micro_batch) even when train.micro_batch_size was changed: rows per step follow the new "
                    "setting, micro-batches stay at 2 rows")
 def test_a_forced_resume_uses_the_new_micro_batch_size(make_config, monkeypatch):
-    from tunesmith.training import loop
+    from tunesmith.stages import sft
 
     cfg = make_config(**RESUMABLE)
     with pytest.raises(TrainingStopped):
         train(cfg, log=quiet, stop_at_step=4)
     sizes: list[int] = []
-    real = loop.micro_batches
-    monkeypatch.setattr(loop, "micro_batches", lambda rows, size, pad_id, packed=False: sizes.append(size) or real(
+    real = sft.micro_batches
+    monkeypatch.setattr(sft, "micro_batches", lambda rows, size, pad_id, packed=False: sizes.append(size) or real(
         rows, size, pad_id, packed))
     changed = make_config(**{**RESUMABLE, "train": {**RESUMABLE["train"], "micro_batch_size": 4}})
     with pytest.raises(TrainingStopped):
@@ -223,7 +223,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(make_config, tmp_pa
     whole = train(make_config(output={"dir": str(tmp_path / "whole")}, **RESUMABLE), log=quiet)
     assert_same_run(whole, run)  # resumed from step 4, still the same run
     with pytest.raises(CheckpointError, match="damaged"):
-        from tunesmith.training.checkpoint import find_checkpoint
+        from tunesmith.run.checkpoint import find_checkpoint
         find_checkpoint(run, "step-000006")
 
 
@@ -251,7 +251,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(make_config, monk
         train(cfg, log=quiet)
     ckpts = Path(cfg.output.dir) / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000004"]  # no half-written leftover
-    from tunesmith.training.checkpoint import problems
+    from tunesmith.run.checkpoint import problems
     assert problems(ckpts / "step-000004") == []
     assert json.loads((Path(cfg.output.dir) / "run.json").read_text())["status"] == "failed"
 
@@ -293,16 +293,16 @@ def test_keep_last_deletes_only_older_complete_checkpoints(make_config):
 
 def _poison(monkeypatch, at_steps: set[int]):
     """Make the loss NaN on the given optimizer steps (counted by calls, one micro-batch per step)."""
-    from tunesmith.training import loop
+    from tunesmith.stages import sft
 
-    real, calls = loop.token_loss_sum, {"n": 0}
+    real, calls = sft.token_loss_sum, {"n": 0}
 
     def poisoned(model, batch, *args):
         calls["n"] += 1
         summed, n = real(model, batch, *args)
         return (summed * float("nan"), n) if calls["n"] in at_steps else (summed, n)
 
-    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+    monkeypatch.setattr(sft, "token_loss_sum", poisoned)
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(make_config, monkeypatch):
@@ -327,16 +327,16 @@ def test_nan_skip_policy_skips_the_update_and_counts_it(make_config, monkeypatch
 
 
 def _fake_oom(monkeypatch, above_rows: int):
-    from tunesmith.training import loop
+    from tunesmith.stages import sft
 
-    real = loop.token_loss_sum
+    real = sft.token_loss_sum
 
     def limited(model, batch, *args):
         if batch["input_ids"].shape[0] > above_rows:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, batch, *args)
 
-    monkeypatch.setattr(loop, "token_loss_sum", limited)
+    monkeypatch.setattr(sft, "token_loss_sum", limited)
 
 
 def test_out_of_memory_gives_advice(make_config, monkeypatch):
@@ -444,8 +444,8 @@ def test_kill_9_at_a_random_moment_leaves_a_resumable_run(make_config, tmp_path)
 
 
 def test_duplicates_and_leakage_are_counted_and_optionally_removed(tmp_path, tiny_tokenizer):
-    from conftest import alpaca_rows, write_jsonl
-    from tunesmith.config import DataConfig
+    from conftest import write_jsonl
+    from tunesmith.config.schema import DataConfig
     from tunesmith.data.pipeline import prepare_data
     from tunesmith.data.templates import CHATML, install_template
 
@@ -466,7 +466,7 @@ def test_duplicates_and_leakage_are_counted_and_optionally_removed(tmp_path, tin
 
 
 def test_rows_without_trainable_tokens_are_counted_and_dropped(tmp_path, tiny_tokenizer):
-    from tunesmith.config import DataConfig
+    from tunesmith.config.schema import DataConfig
     from tunesmith.data.formats import Example
     from tunesmith.data.pipeline import tokenize_split
     from tunesmith.data.templates import CHATML, install_template
@@ -517,7 +517,7 @@ def test_a_pickle_in_a_checkpoint_is_never_loaded(make_config, tmp_path):
         train(cfg, log=quiet, resume=True)
     assert not marker.exists()
     # Even with a manifest forged to match, the file is read as safetensors, never unpickled.
-    from tunesmith.training.checkpoint import write_manifest
+    from tunesmith.run.checkpoint import write_manifest
     write_manifest(ckpt, 4)
     with pytest.raises(CheckpointError, match="optimizer.safetensors.*not a valid safetensors file"):
         train(cfg, log=quiet, resume=True)
@@ -528,7 +528,7 @@ LOAD_IN_A_FRESH_PROCESS = r"""
 import json, re, sys
 from pathlib import Path
 from tunesmith.errors import ModelError
-from tunesmith.models import load_causal_lm, resolve
+from tunesmith.models.loading import load_causal_lm, resolve
 
 
 # This process's own memory in KiB. VmHWM is its peak since exec; ru_maxrss would not do, since it starts
@@ -588,7 +588,7 @@ def test_malformed_safetensors_or_gguf_header_is_a_clear_error(tmp_path, tiny_mo
 def test_remote_code_stays_off_unless_asked(tmp_path, tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models import load_causal_lm, resolve
+    from tunesmith.models.loading import load_causal_lm, resolve
 
     seen = {}
     real = AutoModelForCausalLM.from_pretrained
@@ -600,7 +600,7 @@ def test_remote_code_stays_off_unless_asked(tmp_path, tiny_model_dir, monkeypatc
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     load_causal_lm(resolve(str(tiny_model_dir)))
     assert seen["trust_remote_code"] is False
-    from tunesmith.config import ModelConfig
+    from tunesmith.config.schema import ModelConfig
     assert ModelConfig().trust_remote_code is False
 
 

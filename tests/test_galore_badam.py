@@ -12,12 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_model
 from test_faults import RESUMABLE, assert_same_run, final_weights, losses, quiet, val_losses
-from tunesmith.config import TrainConfig
+from tunesmith.config.schema import TrainConfig
 from tunesmith.errors import ConfigError, TrainingStopped, TunesmithError
-from tunesmith.training.block_coordinate import BlockAdamW, active_block, block_order
-from tunesmith.training.checkpoint import _optimizer_from_files, _optimizer_to_files, fingerprint
+from tunesmith.optim.block_coordinate import BlockAdamW, active_block, block_order
+from tunesmith.run.checkpoint import _optimizer_from_files, _optimizer_to_files, fingerprint
 from tunesmith.training.loop import train
-from tunesmith.training.optim import build_optimizer, build_scheduler
+from tunesmith.optim.build import build_optimizer
+from tunesmith.optim.schedule import build_scheduler
 
 GALORE = ["galore", "galore_8bit", "galore_adafactor"]
 LAYER_MATRICES = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
@@ -110,8 +111,8 @@ def test_galore_8bit_steps_like_galore_torch_adamw():
     place eps differently; a tiny eps makes that immaterial for the projected gradients too)."""
     from galore_torch import GaLoreAdamW
 
-    from tunesmith.training.galore import GaLoreAdamW8bit, projected_names
-    from tunesmith.training.optim import param_groups
+    from tunesmith.optim.galore import GaLoreAdamW8bit, projected_names
+    from tunesmith.optim.groups import param_groups
 
     models = [tiny_llama(), tiny_llama()]
     optimizers = []
@@ -156,7 +157,8 @@ def test_galore_state_survives_the_checkpoint_files(tmp_path, optimizer, proj_ty
     twin = copy.deepcopy(model)
     restored = build_optimizer(list(twin.named_parameters()), cfg, model=twin, log=quiet)
     restored.load_state_dict(_optimizer_from_files(load_file(str(tmp_path / "optimizer.safetensors")),
-                                                   json.loads((tmp_path / "optimizer.json").read_text())))
+                                                   json.loads((tmp_path / "optimizer.json").read_text()),
+                                                   restored.projector_from_state))
     projector = restored.state[twin.model.layers[0].mlp.down_proj.weight]["projector"]
     assert type(projector).__name__ == "CompactProjector" and projector.proj_type == proj_type
     assert (projector.rank, projector.update_proj_gap, projector.scale) == (4, 2, cfg.galore_scale)

@@ -166,7 +166,7 @@ def tiny_gguf(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_gguf):
-    from tunesmith.models import load_causal_lm, load_tokenizer, resolve
+    from tunesmith.models.loading import load_causal_lm, load_tokenizer, resolve
 
     path, _ = tiny_gguf
     source = resolve(str(path))
@@ -177,7 +177,7 @@ def loaded(tiny_gguf):
 
 
 def test_resolve_points_at_the_file(tiny_gguf):
-    from tunesmith.models import resolve
+    from tunesmith.models.loading import resolve
 
     path, _ = tiny_gguf
     source = resolve(str(path))
@@ -275,9 +275,9 @@ def test_gguf_markers_are_cleared_so_a_save_reloads_as_plain_weights(tiny_gguf, 
 def test_training_on_the_gguf_through_the_normal_config(tiny_gguf, tmp_path):
     from typer.testing import CliRunner
 
-    from tunesmith.cli import app
-    from tunesmith.evaluate import evaluate_file
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.cli.app import app
+    from tunesmith.evaluation.evaluate import evaluate_file
+    from tunesmith.inference.loading import load_for_inference
 
     path, _ = tiny_gguf
     rows = [{"instruction": "Say hello.", "output": "hello world"}] * 4 + alpaca_rows(20)

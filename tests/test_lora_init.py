@@ -12,7 +12,7 @@ from conftest import build_tiny_model
 from test_faults import RESUMABLE, assert_same_run, quiet
 from test_methods_and_export import IDS, logits, perturb
 from test_more_methods import lora_count, load_quantized, tiny64_dir, train_steps  # noqa: F401 - fixture
-from tunesmith.config import MethodConfig, config_from_dict
+from tunesmith.config.schema import MethodConfig, config_from_dict
 from tunesmith.errors import ConfigError, TrainingStopped
 from tunesmith.methods import get_method, parameter_counts
 from tunesmith.training.loop import train
@@ -69,7 +69,7 @@ def test_the_saved_adapter_is_an_ordinary_lora_on_the_original_weights(tmp_path,
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_a_pissa_or_olora_run_resumes_exactly_and_its_run_dir_loads(make_config, tmp_path, init):
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.loading import load_for_inference
 
     # Dropout draws from the RNG: a checkpoint's conversion of the adapter must not move it.
     method = {"name": "lora", "r": 4, "init": init, "dropout": 0.1}
@@ -100,7 +100,7 @@ def loftq_check(model, original) -> None:
 
 
 def test_loftq_starts_qlora_closer_to_the_full_precision_model(tiny64_dir):
-    from tunesmith.models import ModelSource, load_causal_lm
+    from tunesmith.models.loading import ModelSource, load_causal_lm
 
     original = load_causal_lm(ModelSource(str(tiny64_dir)))
     full = logits(original, IDS)

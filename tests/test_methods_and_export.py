@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from tunesmith.config import MethodConfig
+from tunesmith.config.schema import MethodConfig
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import get_method, parameter_counts
 
@@ -99,7 +99,7 @@ def other_eos_base(tmp_path_factory):
 def trained_run(tmp_path_factory, other_eos_base):
     """A short LoRA run on the tiny model (shared by the export tests)."""
     from conftest import alpaca_rows, write_jsonl
-    from tunesmith.config import config_from_dict
+    from tunesmith.config.schema import config_from_dict
     from tunesmith.training.loop import train
 
     tmp = tmp_path_factory.mktemp("run")
@@ -128,8 +128,8 @@ def test_merged_export_loads_with_plain_transformers_and_matches(trained_run, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.templates import CHATML, encode_prompt
-    from tunesmith.export import export_run
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.export.merged import export_run
+    from tunesmith.inference.loading import load_for_inference
 
     export_run(trained_run, "merged", tmp_path / "merged")
     out = tmp_path / "merged"
@@ -163,8 +163,8 @@ def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, other_eos_b
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.export import export_run
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.export.merged import export_run
+    from tunesmith.inference.loading import load_for_inference
 
     export_run(trained_run, "adapter", tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -174,7 +174,7 @@ def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, other_eos_b
 
 
 def test_export_never_overwrites(trained_run, tmp_path):
-    from tunesmith.export import export_run
+    from tunesmith.export.merged import export_run
 
     out = tmp_path / "taken"
     out.mkdir()
@@ -188,8 +188,8 @@ def test_eval_loss_is_the_token_mean_that_plain_transformers_computes(trained_ru
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.evaluate import evaluate_file
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.evaluation.evaluate import evaluate_file
+    from tunesmith.inference.loading import load_for_inference
 
     loaded = load_for_inference(trained_run)
     # one row per batch, and 4 + 2 rows with padding
@@ -222,8 +222,8 @@ def test_eval_loss_is_the_token_mean_that_plain_transformers_computes(trained_ru
 
 
 def test_eval_exact_match_counts_the_rows_whose_prediction_is_the_reference(trained_run, monkeypatch):
-    import tunesmith.evaluate as evaluate
-    from tunesmith.run_dir import load_for_inference
+    import tunesmith.evaluation.evaluate as evaluate
+    from tunesmith.inference.loading import load_for_inference
 
     rows = [json.loads(x) for x in (trained_run / "data" / "test.jsonl").read_text().splitlines()]
     refs = [row["output"] for row in rows]
@@ -247,12 +247,13 @@ def test_eval_exact_match_counts_the_rows_whose_prediction_is_the_reference(trai
 
 
 def test_eval_batches_rows_by_the_runs_eval_batch_size(trained_run, monkeypatch):
-    import tunesmith.evaluate as evaluate
-    from tunesmith.run_dir import load_for_inference
+    import tunesmith.evaluation.evaluate as evaluate
+    import tunesmith.stages.tokens as tokens
+    from tunesmith.inference.loading import load_for_inference
 
     sizes = []
-    real = evaluate.eval_batches
-    monkeypatch.setattr(evaluate, "eval_batches", lambda data, size, pad: sizes.append(size) or real(data, size, pad))
+    real = tokens.eval_batches
+    monkeypatch.setattr(tokens, "eval_batches", lambda data, size, pad: sizes.append(size) or real(data, size, pad))
     loaded = load_for_inference(trained_run)
     evaluate.evaluate_file(loaded, trained_run / "data" / "test.jsonl", max_new_tokens=2)
     evaluate.evaluate_file(loaded, trained_run / "data" / "test.jsonl", max_new_tokens=2, batch_size=3)
@@ -261,8 +262,8 @@ def test_eval_batches_rows_by_the_runs_eval_batch_size(trained_run, monkeypatch)
 
 def test_generation_stops_at_eos(trained_run, monkeypatch):
     from tunesmith.data.templates import encode_prompt
-    from tunesmith.generate import Sampling, generate_batch
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.generate import Sampling, generate_batch
+    from tunesmith.inference.loading import load_for_inference
 
     loaded = load_for_inference(trained_run)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -289,7 +290,7 @@ def test_generation_stops_at_eos(trained_run, monkeypatch):
 
 
 def test_sampling_settings_reach_generate():
-    from tunesmith.generate import Sampling
+    from tunesmith.inference.generate import Sampling
 
     class Tok:
         eos_token_id, pad_token_id = 2, 2

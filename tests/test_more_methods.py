@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_tiny_model
 from test_methods_and_export import IDS, logits, perturb
-from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.config.schema import MethodConfig, TrainConfig
 from tunesmith.errors import ConfigError
 from tunesmith.methods import get_method, parameter_counts
 
@@ -44,8 +44,8 @@ CASES = [
 
 
 def train_steps(model, method, steps: int = 8, lr: float = 1e-2) -> list[float]:
-    from tunesmith.training.loss import token_loss_sum
-    from tunesmith.training.optim import build_optimizer
+    from tunesmith.stages.tokens import token_loss_sum
+    from tunesmith.optim.build import build_optimizer
 
     optimizer = build_optimizer(method.trainable_parameters(model), TrainConfig(lr=lr, weight_decay=0.0),
                                 method.lr_multiplier)
@@ -93,7 +93,7 @@ def test_save_load_and_merge_give_the_same_outputs(tmp_path, cfg, expected, mark
 
 
 def test_lora_plus_gives_the_b_matrices_a_higher_learning_rate():
-    from tunesmith.training.optim import build_optimizer
+    from tunesmith.optim.build import build_optimizer
 
     method = get_method(MethodConfig(name="lora", r=2, lora_plus_ratio=16))
     model = method.build(build_tiny_model(300))
@@ -115,7 +115,7 @@ def test_bad_settings_are_clear_config_errors():
     with pytest.raises(ConfigError, match="trainable_regex: no parameter name matches"):
         get_method(MethodConfig(name="freeze", trainable_layers=0, trainable_regex="nothing_here")).build(
             build_tiny_model(300))
-    from tunesmith.config import config_from_dict
+    from tunesmith.config.schema import config_from_dict
 
     with pytest.raises(ConfigError, match="method.trainable_regex: not a valid regular expression"):
         config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "freeze", "trainable_regex": "(("}})
@@ -123,8 +123,8 @@ def test_bad_settings_are_clear_config_errors():
 
 @pytest.mark.parametrize("name", ["ia3", "oft", "boft", "adapter"])
 def test_a_run_directory_applies_its_method_when_loaded(make_config, name, tmp_path):
-    from tunesmith.export import export_run
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.export.merged import export_run
+    from tunesmith.inference.loading import load_for_inference
     from tunesmith.training.loop import train
 
     cfg = make_config(method={"name": name, "block_size": 8, "adapter_layers": 1}, train={"max_steps": 2, "lr": 1e-2})
@@ -167,7 +167,7 @@ def tiny64_dir(tmp_path_factory):
 
 
 def load_quantized(path, method):
-    from tunesmith.models import ModelSource, load_causal_lm
+    from tunesmith.models.loading import ModelSource, load_causal_lm
 
     return lambda quantized=True, on=None: load_causal_lm(
         ModelSource(str(path)), **(method.load_kwargs(on or torch.device("cpu")) if quantized else {}))
@@ -211,10 +211,10 @@ def test_qlora_trains_lora_on_a_quantized_base_and_merges_into_its_dequantized_w
 
 def capture_trained(monkeypatch, probe):
     """What `probe(model)` gives on the model train() is about to save as final/: the trained model itself."""
-    from tunesmith.training import loop
+    from tunesmith.training import session
 
     seen: dict = {}
-    real = loop.save_final
+    real = session.save_final
 
     def capturing(method, model, run_dir):
         was_training = model.training
@@ -222,7 +222,7 @@ def capture_trained(monkeypatch, probe):
         model.train(was_training)
         return real(method, model, run_dir)
 
-    monkeypatch.setattr(loop, "save_final", capturing)
+    monkeypatch.setattr(session, "save_final", capturing)
     return seen
 
 
@@ -238,9 +238,10 @@ def test_qlora_run_reloads_the_trained_model_on_a_4bit_base(make_config, tiny64_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tunesmith.evaluate import mean_loss
-    from tunesmith.run_dir import load_for_inference
-    from tunesmith.training.loop import load_data_and_tokenizer, train
+    from tunesmith.stages.tokens import mean_loss
+    from tunesmith.inference.loading import load_for_inference
+    from tunesmith.data.pipeline import load_data_and_tokenizer
+    from tunesmith.training.loop import train
 
     trained = capture_trained(monkeypatch, lambda model: logits(model, IDS))
     cfg = make_config(model={"name_or_path": str(tiny64_dir)}, method={"name": "qlora", "r": 4},
@@ -283,7 +284,7 @@ def test_qlora_run_reloads_the_trained_model_on_a_4bit_base(make_config, tiny64_
 def test_qlora_without_bitsandbytes_fails_at_config_validation(monkeypatch):
     import importlib.util
 
-    from tunesmith.config import config_from_dict
+    from tunesmith.config.schema import config_from_dict
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -358,7 +359,7 @@ def loss_through_peft(model, ids) -> float:
 
 @pytest.mark.parametrize("name,expected", [("prompt", 6 * 32), ("prefix", 6 * LAYERS * 2 * 16)])
 def test_soft_prompts_train_score_only_real_tokens_and_round_trip(tmp_path, name, expected):
-    from tunesmith.training.loss import token_loss_sum
+    from tunesmith.stages.tokens import token_loss_sum
 
     method = get_method(MethodConfig(name=name, num_virtual_tokens=6))
     model = method.build(build_tiny_model(300))
@@ -375,7 +376,7 @@ def test_soft_prompts_train_score_only_real_tokens_and_round_trip(tmp_path, name
 
 
 def test_prompt_starts_from_the_embeddings_of_a_text(tiny_model_dir):
-    from tunesmith.models import ModelSource, load_causal_lm, load_tokenizer
+    from tunesmith.models.loading import ModelSource, load_causal_lm, load_tokenizer
 
     text = "Shout it"
     method = get_method(MethodConfig(name="prompt", num_virtual_tokens=4, prompt_init_text=text))
@@ -391,13 +392,14 @@ def test_a_prompt_tuned_run_evaluates_and_generates(make_config, tiny_model_dir,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.evaluate import mean_loss
-    from tunesmith.generate import Sampling, generate_batch
+    from tunesmith.stages.tokens import mean_loss
+    from tunesmith.inference.generate import Sampling, generate_batch
     from tunesmith.methods.prompt_tuning import PromptTuningMethod
-    from tunesmith.models import ModelSource, load_tokenizer
-    from tunesmith.run_dir import load_for_inference
-    from tunesmith.training import loop
-    from tunesmith.training.loop import load_data_and_tokenizer, train
+    from tunesmith.models.loading import ModelSource, load_tokenizer
+    from tunesmith.inference.loading import load_for_inference
+    from tunesmith.stages import sft
+    from tunesmith.data.pipeline import load_data_and_tokenizer
+    from tunesmith.training.loop import train
 
     initial: dict = {}
     real_build = PromptTuningMethod.build
@@ -410,8 +412,8 @@ def test_a_prompt_tuned_run_evaluates_and_generates(make_config, tiny_model_dir,
     monkeypatch.setattr(PromptTuningMethod, "build", build)
     trained = capture_trained(monkeypatch, lambda model: logits(model, IDS))
     packed: list[bool] = []
-    real_batches = loop.micro_batches
-    monkeypatch.setattr(loop, "micro_batches", lambda rows, size, pad_id, p=False: packed.append(p) or real_batches(
+    real_batches = sft.micro_batches
+    monkeypatch.setattr(sft, "micro_batches", lambda rows, size, pad_id, p=False: packed.append(p) or real_batches(
         rows, size, pad_id, p))
 
     cfg = make_config(method={"name": "prompt", "num_virtual_tokens": 4},
@@ -465,7 +467,7 @@ def test_a_prompt_tuned_run_evaluates_and_generates(make_config, tiny_model_dir,
                    "(generate.generate_batch pads soft-prompted rows; the plain base model batches correctly)")
 def test_a_soft_prompt_gives_the_same_greedy_replies_batched_as_alone():
     from conftest import build_tiny_tokenizer
-    from tunesmith.generate import Sampling, generate_batch
+    from tunesmith.inference.generate import Sampling, generate_batch
 
     tokenizer = build_tiny_tokenizer()
     method = get_method(MethodConfig(name="prompt", num_virtual_tokens=4))

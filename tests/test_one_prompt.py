@@ -175,8 +175,9 @@ class TrainedRun:
 
 
 def train_case(case: str, base: Path, model_dir: Path) -> TrainedRun:
-    from tunesmith.config import config_from_dict
+    from tunesmith.config.schema import config_from_dict
     from tunesmith.training import loop
+    from tunesmith.training import session
 
     template, system, kind, _ = CASES[case]
     work = base / case
@@ -198,7 +199,7 @@ def train_case(case: str, base: Path, model_dir: Path) -> TrainedRun:
     }
     cfg = config_from_dict(raw, f"{case}.yaml")
     seen = {}
-    real = loop.load_data_and_tokenizer
+    real = session.load_data_and_tokenizer
 
     def spy(cfg):  # keep what the training loop itself was given
         source, tokenizer, prepared = real(cfg)
@@ -206,9 +207,9 @@ def train_case(case: str, base: Path, model_dir: Path) -> TrainedRun:
         return source, tokenizer, prepared
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "load_data_and_tokenizer", spy)
+        mp.setattr(session, "load_data_and_tokenizer", spy)
         run = loop.train(cfg, log=lambda *a: None)
-    assert "data" in seen, "train() no longer gets its data from loop.load_data_and_tokenizer; update the spy"
+    assert "data" in seen, "train() no longer gets its data from session.load_data_and_tokenizer; update the spy"
     prepared = seen["data"]
     ids = [[int(t) for t in item.input_ids] for item in prepared.train]
     labels = [[int(t) for t in item.labels] for item in prepared.train]
@@ -257,7 +258,7 @@ class Recorder:
 @pytest.fixture()
 def record(monkeypatch):
     """Every model that load_for_inference hands out gets a Recorder for its generate."""
-    import tunesmith.run_dir as run_dir
+    import tunesmith.inference.loading as run_dir
 
     state: dict = {"replies": [], "recorders": []}
     real = run_dir.load_for_inference
@@ -276,7 +277,7 @@ def record(monkeypatch):
 def cli(*args: str, stdin: str | None = None):
     from typer.testing import CliRunner
 
-    from tunesmith.cli import app
+    from tunesmith.cli.app import app
 
     result = CliRunner().invoke(app, list(args), input=stdin)
     assert result.exit_code == 0, (result.output, result.exception)
@@ -338,8 +339,8 @@ def test_generate_cli_renders_the_training_prompt(trained, record, case):
 
 @pytest.mark.parametrize("case", ALL)
 def test_generate_batch_renders_the_training_prompt(trained, case):
-    from tunesmith.generate import Sampling, generate_batch
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.generate import Sampling, generate_batch
+    from tunesmith.inference.loading import load_for_inference
 
     r = trained(case)
     loaded = load_for_inference(r.run)
@@ -366,7 +367,7 @@ def test_eval_generates_from_the_training_prompt(trained, record, case):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    from tunesmith.export import export_run
+    from tunesmith.export.merged import export_run
 
     cache: dict = {}
 
@@ -445,8 +446,8 @@ def manual_lora_logits(model_dir: Path, adapter_dir: Path, ids: torch.Tensor) ->
 
 
 def test_intermediate_checkpoint_has_its_own_weights_and_the_run_template(trained, model_dir):
-    from tunesmith.generate import Sampling, generate_batch
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.generate import Sampling, generate_batch
+    from tunesmith.inference.loading import load_for_inference
 
     r = trained("system_prompt")
     ckpts = sorted(p.name for p in (r.run / "checkpoints").glob("step-*"))

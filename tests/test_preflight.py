@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from conftest import alpaca_rows, write_jsonl
-from tunesmith.estimate import GiB, shape_from_model
-from tunesmith.preflight import Machine, Speed, check_config
+from tunesmith.planning.estimate import GiB, shape_from_model
+from tunesmith.planning.preflight import Machine, Speed, check_config
 
 CPU = Machine(device="cpu", name="CPU (test)", precision="fp32", memory=64 * GiB, bf16_native=False, compiler=True)
 
@@ -23,7 +23,7 @@ def unique_rows(n: int) -> list[dict]:
 
 
 def findings_for(cfg, machine: Machine = CPU, speed: Speed | None = None):
-    from tunesmith.training.loop import load_data_and_tokenizer
+    from tunesmith.data.pipeline import load_data_and_tokenizer
 
     _, _, data = load_data_and_tokenizer(cfg)
     return check_config(cfg, data.report, shape_from_model(cfg.model.name_or_path), machine, speed)
@@ -112,7 +112,7 @@ def test_rows_longer_than_max_seq_length_and_the_context_window(make_config, tin
     finding = by_topic(findings_for(cfg), "max_seq_length")[0]
     assert finding.severity == "warning" and "are truncated" in finding.message
     keep = int(finding.suggestion.split(":")[1].split()[0])
-    from tunesmith.training.loop import load_data_and_tokenizer
+    from tunesmith.data.pipeline import load_data_and_tokenizer
 
     raw = np.asarray(load_data_and_tokenizer(cfg)[2].report.splits["train"].raw_lengths)
     assert (raw <= keep).mean() >= 0.99 and (raw <= keep - 1).mean() < 0.99  # the length that keeps 99 %
@@ -135,13 +135,13 @@ def test_precision_and_memory_on_this_device(make_config):
 
 
 def test_memory_verdict_follows_the_model_and_batch(make_config, monkeypatch):
-    import tunesmith.estimate as estimate
+    import tunesmith.planning.estimate as estimate
 
     monkeypatch.setattr(estimate, "CPU_RUNTIME", 0.0)  # so the tiny model's own needs decide the verdict
     cfg = make_config(unique_rows(100), train={"micro_batch_size": 8})
-    from tunesmith.estimate import estimate_memory
-    from tunesmith.preflight import plan_for
-    from tunesmith.training.loop import load_data_and_tokenizer
+    from tunesmith.planning.estimate import estimate_memory
+    from tunesmith.planning.preflight import plan_for
+    from tunesmith.data.pipeline import load_data_and_tokenizer
 
     report = load_data_and_tokenizer(cfg)[2].report
     need = estimate_memory(plan_for(cfg, shape_from_model(cfg.model.name_or_path), CPU, report)).peak
@@ -178,7 +178,7 @@ def test_train_runs_the_checks_errors_block_and_ignore_checks_trains(make_config
     assert any(line.startswith("warning warmup: train.warmup_steps (50)") for line in lines)  # printed, not blocking
     assert not any(line.startswith(("ok ", "info ")) for line in lines)  # only what needs attention
 
-    import tunesmith.preflight as preflight
+    import tunesmith.planning.preflight as preflight
 
     monkeypatch.setattr(preflight, "this_machine", lambda *a: Machine("cpu", "CPU (test)", "fp32", 0.3 * GiB,
                                                                       False, True))

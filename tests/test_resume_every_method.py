@@ -76,7 +76,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def make_cfg(key: str, base: Path, data: Path, out: Path):
-    from tunesmith.config import config_from_dict
+    from tunesmith.config.schema import config_from_dict
 
     method = {**METHODS, **QUANTIZED}[key]
     return config_from_dict({
@@ -140,9 +140,10 @@ def whole_run(key: str, bases, data_file, tmp_path_factory) -> tuple[Path, torch
     the end of training, taken just before the final weights are written."""
     if key not in _RUNS:
         import tunesmith.training.loop as loop
+        from tunesmith.training import session
 
         captured: list[torch.Tensor] = []
-        real = loop.save_final
+        real = session.save_final
 
         def save_final(method, model, run_dir):
             captured.append(logits_of(model))
@@ -151,7 +152,7 @@ def whole_run(key: str, bases, data_file, tmp_path_factory) -> tuple[Path, torch
         base = bases[64 if key in QUANTIZED else 32]
         out = tmp_path_factory.mktemp(f"whole-{key}") / "run"
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(loop, "save_final", save_final)
+            mp.setattr(session, "save_final", save_final)
             run = loop.train(make_cfg(key, base, data_file, out), log=quiet)
         assert len(captured) == 1
         _RUNS[key] = (run, captured[0])
@@ -222,7 +223,7 @@ def through_plain_peft(base, run: Path) -> torch.Tensor:
 @pytest.mark.parametrize("key", list(METHODS))
 def test_a_loaded_run_gives_the_trained_logits_and_so_does_plain_peft(key, bases, data_file, tmp_path_factory):
     """Every non-quantized method here saves a peft adapter, so each has a plain-peft form (none skipped)."""
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.loading import load_for_inference
 
     run, trained = whole_run(key, bases, data_file, tmp_path_factory)
     untrained = logits_of(plain_base(bases[32]))
@@ -254,7 +255,7 @@ def test_a_loaded_qlora_run_gives_the_trained_logits_on_its_quantized_base(key, 
                                                                           tmp_path_factory):
     import bitsandbytes as bnb
 
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.loading import load_for_inference
 
     run, trained = whole_run(key, bases, data_file, tmp_path_factory)
     assert (trained - logits_of(plain_base(bases[64], bnb_config(QUANTIZED[key])))).abs().max() > 1e-3
@@ -274,7 +275,7 @@ def test_merged_export_of_a_qlora_run_is_a_plain_model_close_to_the_trained_one(
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.export import export_run
+    from tunesmith.export.merged import export_run
 
     run, trained = whole_run(key, bases, data_file, tmp_path_factory)
     with pytest.warns(UserWarning, match="quantization gap"):
@@ -336,21 +337,21 @@ def test_merged_export_of_a_qlora_run_is_a_plain_model_close_to_the_trained_one(
 
 
 def skip_rng_restore(mp) -> None:
-    import tunesmith.training.checkpoint as checkpoint
+    import tunesmith.run.checkpoint as checkpoint
 
     mp.setattr(checkpoint, "_restore_rng", lambda tensors, meta: None)
 
 
 def skip_optimizer_restore(mp) -> None:
-    import tunesmith.training.loop as loop
+    from tunesmith.training import session
 
-    real = loop.load_checkpoint
+    real = session.load_checkpoint
 
     class Untouched:
         def load_state_dict(self, state):
             pass
 
-    mp.setattr(loop, "load_checkpoint", lambda path, state, method, model, optimizer, scheduler:
+    mp.setattr(session, "load_checkpoint", lambda path, state, method, model, optimizer, scheduler:
                real(path, state, method, model, Untouched(), scheduler))
 
 

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_tiny_model
-from tunesmith.config import MethodConfig
+from tunesmith.config.schema import MethodConfig
 from tunesmith.data.templates import IGNORE
 from tunesmith.data.token_store import Tokenized
 from tunesmith.methods import get_method
-from tunesmith.training.batching import collate, micro_batches, pack
-from tunesmith.training.loss import model_inputs, token_loss_sum
-from tunesmith.training.attention import use_packed_attention
+from tunesmith.data.batching import collate, micro_batches, pack
+from tunesmith.stages.tokens import model_inputs, token_loss_sum
+from tunesmith.models.attention import use_packed_attention
 
 VOCAB = 300
 
@@ -122,7 +122,7 @@ def test_logits_at_labels_only_gives_the_full_head_loss_and_gradients():
 
 
 def test_bf16_frozen_weights_change_nothing_under_bf16_autocast():
-    from tunesmith.training.loop import store_frozen_weights_in_bf16
+    from tunesmith.training.session import store_frozen_weights_in_bf16
 
     rows = mixed_rows()
     batches = micro_batches(rows, 3, pad_id=2)
@@ -144,7 +144,7 @@ def test_bf16_frozen_weights_change_nothing_under_bf16_autocast():
 
 
 def test_an_lm_head_tied_to_the_embeddings_stays_fp32():
-    from tunesmith.training.loop import store_frozen_weights_in_bf16
+    from tunesmith.training.session import store_frozen_weights_in_bf16
 
     model = lora_model()
     base = model.get_base_model()
@@ -155,16 +155,16 @@ def test_an_lm_head_tied_to_the_embeddings_stays_fp32():
 
 def record_packing(monkeypatch) -> list[bool]:
     """Which micro-batches the loop builds packed."""
-    from tunesmith.training import loop
+    from tunesmith.stages import sft
 
     seen: list[bool] = []
-    real = loop.micro_batches
+    real = sft.micro_batches
 
     def recording(rows, size, pad_id, packed=False):
         seen.append(packed)
         return real(rows, size, pad_id, packed)
 
-    monkeypatch.setattr(loop, "micro_batches", recording)
+    monkeypatch.setattr(sft, "micro_batches", recording)
     return seen
 
 
@@ -266,9 +266,10 @@ def test_packing_under_bf16_gives_the_padded_bf16_losses(make_config, tmp_path):
 
 def test_packing_falls_back_to_padding_for_a_model_that_cannot_keep_examples_apart(make_config, monkeypatch):
     from tunesmith.training import loop
+    from tunesmith.training import session
 
     seen = record_packing(monkeypatch)
-    monkeypatch.setattr(loop, "use_packed_attention", lambda model: False)
+    monkeypatch.setattr(session, "use_packed_attention", lambda model: False)
     logs: list[str] = []
     loop.train(make_config(train={"max_steps": 2, "packing": True}, checkpoint={"interval": None}), log=logs.append)
     assert any("padded instead" in line for line in logs)
@@ -276,7 +277,7 @@ def test_packing_falls_back_to_padding_for_a_model_that_cannot_keep_examples_apa
 
 
 def test_compiled_decoder_gives_the_same_loss_and_gradients():
-    from tunesmith.training.loop import compile_decoder
+    from tunesmith.training.session import compile_decoder
 
     batches = micro_batches(mixed_rows(), 3, pad_id=2)
     eager, compiled = lora_model(), lora_model()

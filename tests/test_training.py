@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from tunesmith.config import TrainConfig
+from tunesmith.config.schema import TrainConfig
 from tunesmith.data.token_store import Tokenized
 from tunesmith.data.templates import IGNORE
-from tunesmith.training.batching import RowStream, micro_batches
-from tunesmith.training.optim import lr_factor, param_groups
+from tunesmith.data.batching import RowStream, micro_batches
+from tunesmith.optim.schedule import lr_factor
+from tunesmith.optim.groups import param_groups
 
 
 def rows_of_different_lengths(vocab: int, shapes=((5, 2), (40, 30), (9, 3), (23, 20))) -> list[Tokenized]:
@@ -31,12 +32,19 @@ EIGHT_SHAPES = ((5, 2), (40, 30), (9, 3), (23, 20), (3, 1), (31, 4), (14, 13), (
 
 def loop_step(model, rows: list[Tokenized], micro: int, labels_only: bool = True
               ) -> tuple[float, dict[str, torch.Tensor]]:
-    """One optimizer step's loss and gradients, computed by the training loop's own accumulate_gradients."""
-    from tunesmith.training.loop import accumulate_gradients
+    """One optimizer step's loss and gradients, computed by the training loop's own accumulate() with the SFT
+    stage, as train() runs it."""
+    from types import SimpleNamespace
 
+    from tunesmith.config.schema import config_from_dict
+    from tunesmith.stages import get_stage
+    from tunesmith.training.loop import accumulate
+
+    cfg = config_from_dict({"data": {"train_file": "rows.jsonl"}, "train": {"logits_at_labels_only": labels_only}})
+    session = SimpleNamespace(stage=get_stage(cfg), model=model, micro=micro, pad_id=2, packed=False,
+                              device=torch.device("cpu"), precision="fp32", cfg=cfg)
     model.zero_grad(set_to_none=True)
-    loss, used = accumulate_gradients(model, rows, micro, pad_id=2, device=torch.device("cpu"), precision="fp32",
-                                      auto=False, log=print, labels_only=labels_only)
+    loss, used = accumulate(session, rows, print)
     assert used == micro
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -59,7 +67,7 @@ def reference_step(model, rows: list[Tokenized], per_row_mean: bool = False
 
 @pytest.mark.parametrize("labels_only", [True, False])
 def test_grad_accumulation_matches_one_big_batch(labels_only):
-    """accumulate_gradients: 8 rows × 1 micro-batch, 1 × 8 and an uneven 3+3+2 split give the same loss and
+    """accumulate: 8 rows × 1 micro-batch, 1 × 8 and an uneven 3+3+2 split give the same loss and
     gradients, and both are the global token mean computed by hand."""
     model = build_tiny_model(vocab_size=300)
     rows = rows_of_different_lengths(300, EIGHT_SHAPES)
@@ -124,9 +132,9 @@ def test_micro_batches_split_a_step():
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    from tunesmith.config import MethodConfig
+    from tunesmith.config.schema import MethodConfig
     from tunesmith.methods import get_method
-    from tunesmith.training.loop import enable_gradient_checkpointing
+    from tunesmith.training.session import enable_gradient_checkpointing
 
     rows = rows_of_different_lengths(300)
     results = []
@@ -197,7 +205,7 @@ def test_train_writes_a_complete_run_dir(make_config):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     # the resolved config round-trips: every field, not one
-    from tunesmith.run_dir import read_run_config
+    from tunesmith.run.run_dir import read_run_config
     assert read_run_config(run).model_dump() == cfg.model_dump()
 
 
@@ -217,7 +225,7 @@ def train_rows_and_base_loss(cfg, tiny_model_dir) -> tuple[list[Tokenized], floa
     """The run's training rows (a fixed batch) and the untrained base model's loss on them."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.training.loop import load_data_and_tokenizer
+    from tunesmith.data.pipeline import load_data_and_tokenizer
 
     _, _, data = load_data_and_tokenizer(cfg)
     rows = [data.train[i] for i in range(len(data.train))]
@@ -225,7 +233,7 @@ def train_rows_and_base_loss(cfg, tiny_model_dir) -> tuple[list[Tokenized], floa
 
 
 def test_training_lowers_the_loss_for_every_method(make_config, tmp_path, tiny_model_dir):
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.loading import load_for_inference
     from tunesmith.training.loop import train
 
     rows, before = None, None
@@ -261,9 +269,10 @@ def test_refuses_to_overwrite_a_run_dir(make_config):
 def test_nan_loss_stops_with_a_clear_error(make_config, monkeypatch):
     from tunesmith.errors import TunesmithError
     from tunesmith.training import loop
+    from tunesmith.stages import sft
 
-    real = loop.token_loss_sum
-    monkeypatch.setattr(loop, "token_loss_sum", lambda m, b, *a: (real(m, b, *a)[0] * float("nan"), 1))
+    real = sft.token_loss_sum
+    monkeypatch.setattr(sft, "token_loss_sum", lambda m, b, *a: (real(m, b, *a)[0] * float("nan"), 1))
     with pytest.raises(TunesmithError, match="the loss is nan"):
         loop.train(make_config(), log=lambda *_: None)
 
@@ -272,12 +281,13 @@ def test_bf16_autocast_trains_with_bf16_matmuls_and_fp32_master_weights(make_con
     """bf16 autocast works on every CPU (emulated where there is no native bf16, only slower)."""
     from safetensors.torch import load_file
 
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.inference.loading import load_for_inference
     from tunesmith.training import loop
+    from tunesmith.stages import sft
 
     seen: dict[str, set] = {"linear_out": set(), "loss": set(), "trainable": set()}
     hooks = []
-    real = loop.token_loss_sum
+    real = sft.token_loss_sum
 
     def spy(model, batch, *args):
         if not hooks:
@@ -289,7 +299,7 @@ def test_bf16_autocast_trains_with_bf16_matmuls_and_fp32_master_weights(make_con
         seen["trainable"] |= {p.dtype for p in model.parameters() if p.requires_grad}
         return summed, n
 
-    monkeypatch.setattr(loop, "token_loss_sum", spy)
+    monkeypatch.setattr(sft, "token_loss_sum", spy)
     cfg = make_config(train={"max_steps": 8, "lr": 3e-2, "micro_batch_size": 8, "precision": "bf16",
                              "lr_scheduler": "constant"}, eval={"interval": None}, checkpoint={"interval": None})
     rows, before = train_rows_and_base_loss(cfg, tiny_model_dir)

@@ -10,7 +10,6 @@ Formats:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from tunesmith.data.reading import BadRow, Row
 from tunesmith.errors import DataError

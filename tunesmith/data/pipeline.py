@@ -19,13 +19,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tunesmith.config import DataConfig
+from tunesmith.config.schema import Config, DataConfig
 from tunesmith.data.formats import Example, detect_format, to_example
 from tunesmith.data.reading import BadRow, Row, iter_rows
 from tunesmith.data.split import seeded_split
-from tunesmith.data.templates import IGNORE, render
+from tunesmith.data.templates import IGNORE, install_template, render, resolve_template
 from tunesmith.data.token_store import Tokenized, TokenStore
 from tunesmith.errors import DataError
+from tunesmith.models.loading import load_tokenizer, resolve
 
 
 @dataclass
@@ -302,3 +303,11 @@ def show_examples(tokenizer, items: list[Tokenized], n: int) -> str:
         blocks.append(f"--- example {k + 1}: {len(item.input_ids)} tokens, {item.n_targets} trained "
                       f"(trained tokens in [brackets]) ---\n" + "|".join(parts))
     return "\n".join(blocks)
+
+
+def load_data_and_tokenizer(cfg: Config):
+    """Tokenizer with the run's template installed, and the prepared data (shared by `prepare` and `train`)."""
+    source = resolve(cfg.model.name_or_path, cfg.model.gguf_file)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
+    install_template(tokenizer, resolve_template(cfg.data.template, tokenizer))
+    return source, tokenizer, prepare_data(cfg.data, tokenizer)

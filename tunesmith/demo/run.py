@@ -18,7 +18,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo_lora.yaml"
 
 
 def _answers(loaded, examples, max_new_tokens: int) -> list[str]:
-    from tunesmith.generate import Sampling, generate_batch
+    from tunesmith.inference.generate import Sampling, generate_batch
 
     return generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in examples],
                           Sampling(max_new_tokens=max_new_tokens))
@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", type=int, default=20, help="held-out rows to compare")
     args = parser.parse_args(argv)
 
-    from tunesmith.config import load_config
+    from tunesmith.config.schema import load_config
     from tunesmith.console import quiet_libraries
     from tunesmith.data.pipeline import load_examples
     from tunesmith.demo.task import write_dataset
-    from tunesmith.evaluate import exact_match
-    from tunesmith.run_dir import load_for_inference
+    from tunesmith.evaluation.evaluate import exact_match
+    from tunesmith.inference.loading import load_for_inference
     from tunesmith.training.loop import train
 
     quiet_libraries()

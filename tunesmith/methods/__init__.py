@@ -1,6 +1,6 @@
 """Fine-tuning methods, one small module each behind `Method`."""
 
-from tunesmith.config import MethodConfig
+from tunesmith.config.schema import MethodConfig
 from tunesmith.methods.base import Method, describe_counts, parameter_counts
 from tunesmith.methods.freeze import FreezeMethod
 from tunesmith.methods.full import FullMethod

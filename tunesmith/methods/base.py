@@ -1,5 +1,6 @@
 """The method protocol: a method changes how the model is built, which parameters train, and how the
-result is saved, loaded back and merged. Nothing else in tunesmith branches on the method."""
+result is saved, loaded back and merged. Nothing else in tunesmith branches on the method: the loop asks it (placement, soft prompts, base
+precision) through the attributes and hooks below."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from tunesmith.config import MethodConfig
+from tunesmith.config.schema import MethodConfig
 
 LoadBase = Callable[..., nn.Module]
 """Loads the base model: load_base(quantized=True, on=None); QLoRA's merge asks for the quantized base on the
@@ -25,6 +26,8 @@ class Method(ABC):
     """True when the base is loaded quantized (load_kwargs says how); it is then placed while loading."""
     build_on_device: bool = False
     """True when build() does heavy work on the weights (PiSSA's SVDs): the base moves to the device first."""
+    soft_prompt: bool = False
+    """True when the method puts learned positions before every input (prompt tuning): rows cannot be packed."""
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -32,6 +35,17 @@ class Method(ABC):
     @abstractmethod
     def build(self, model: nn.Module) -> nn.Module:
         """Prepare a freshly loaded base model for training (freeze, wrap) and return what trains."""
+
+    def place_base(self, base: nn.Module, device) -> None:
+        """Before build(): a quantized base was placed while it loaded; others move only if build needs it."""
+        if self.build_on_device and not self.quantized:
+            base.to(device)
+
+    def place(self, model: nn.Module, device) -> None:
+        """After build() and the speed switches (so a bf16 cast happens before the move and the device never
+        holds the fp32 copy of frozen weights)."""
+        if not self.quantized:
+            model.to(device)
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

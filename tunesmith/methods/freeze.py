@@ -11,20 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import LoadBase, Method
+from tunesmith.models.layers import decoder_layers
 
 WEIGHTS = "trainable.safetensors"
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks (model.model.layers for Llama-style models)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList):
-        return layers
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ConfigError("method freeze: could not find the model's decoder layers")
-    return max(lists, key=len)
 
 
 class FreezeMethod(Method):

@@ -4,7 +4,7 @@ prompt: `num_virtual_tokens` learned embeddings put before every input (optional
 embeddings of a text, which trains faster than random ones). prefix: learned keys and values in every
 attention layer (prefix tuning). Neither can be merged into the weights; both travel as a PEFT adapter.
 
-Their extra positions live inside peft's forward, so the loss runs through it (training/loss.py)."""
+Their extra positions live inside peft's forward, so the loss runs through it (stages/tokens.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tunesmith.methods.peft_adapter import PeftAdapterMethod
 class PromptTuningMethod(PeftAdapterMethod):
     name = "prompt"
     mergeable = False
+    soft_prompt = True
 
     def peft_config(self, model: nn.Module):
         from peft import PromptTuningConfig, PromptTuningInit
@@ -35,6 +36,7 @@ class PromptTuningMethod(PeftAdapterMethod):
 class PrefixTuningMethod(PeftAdapterMethod):
     name = "prefix"
     mergeable = False
+    soft_prompt = True
 
     def peft_config(self, model: nn.Module):
         from peft import PrefixTuningConfig

@@ -1,0 +1,3 @@
+from tunesmith.cli.app import main
+
+main()

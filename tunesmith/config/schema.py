@@ -1,0 +1,413 @@
+"""One typed configuration tree, nested the same way as the YAML file.
+
+Every section rejects unknown keys with a did-you-mean, so a typo such as
+`train.learning_rate` fails before any model is loaded instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    """Short name (see `tunesmith.models.SHORT_NAMES`), a local HF directory, a .gguf file, or a hub id."""
+    gguf_file: str | None = None
+    """File name inside `name_or_path` when it is a directory holding several GGUF files."""
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class DataConfig(Section):
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+    format: Literal["alpaca", "messages", "sharegpt", "text"] | None = None
+    """Row format; detected from the first row when absent."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Map our field names to yours, e.g. {instruction: question, output: answer}."""
+    val_size: Union[float, int] = 0.1
+    test_size: Union[float, int] = 0.0
+    seed: int = 42
+    max_seq_length: int = 1024
+    overlong: Literal["drop", "truncate"] = "drop"
+    template: str = "model"
+    """`model` (the tokenizer's own chat template), `chatml`, `alpaca`, or a path to a Jinja file."""
+    system_prompt: str | None = None
+    """System message for rows that have none; chat and generate use it too, so training and use match."""
+    train_on_prompt: bool = False
+    on_bad_row: Literal["error", "skip"] = "error"
+    dedup: bool = False
+    """Drop exact duplicate training rows, and training rows that also appear in val or test (leakage).
+    Either way the data report counts them."""
+
+    @field_validator("val_size", "test_size")
+    @classmethod
+    def _size(cls, v: float | int) -> float | int:
+        if isinstance(v, float) and not 0.0 <= v < 1.0:
+            raise ValueError("a fraction must be in [0, 1); use an integer for a row count")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a row count cannot be negative")
+        return v
+
+    @field_validator("max_seq_length")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 8:
+            raise ValueError("must be at least 8 tokens")
+        return v
+
+
+class MethodConfig(Section):
+    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt",
+                  "prefix"] = "lora"
+    # LoRA
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA's input dropout; OFT's and BOFT's module dropout."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = "default"
+    """pissa and olora start the adapter from the weights' principal directions (lora only); loftq from the
+    quantization error (qlora, 4-bit)."""
+    lora_plus_ratio: float | None = Field(None, gt=0)
+    modules_to_save: list[str] = Field(default_factory=list)
+    # QLoRA: the quantized base
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"
+    # OFT / BOFT
+    block_size: int = Field(32, ge=1)
+    # adapter, adapter_v2 (LLaMA-Adapter): prompt vectors in the top layers
+    adapter_layers: int = Field(8, ge=1)
+    adapter_len: int = Field(10, ge=1)
+    # prompt / prefix tuning
+    num_virtual_tokens: int = Field(20, ge=1)
+    prompt_init_text: str | None = None
+    # freeze: train the last N decoder layers, modules whose name contains one of these strings, and/or
+    # parameters whose name matches a regular expression
+    trainable_layers: int = Field(2, ge=0)
+    trainable_modules: list[str] = Field(default_factory=list)
+    trainable_regex: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_bitsandbytes(self) -> "MethodConfig":
+        import importlib.util
+
+        if self.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("method qlora needs bitsandbytes, which is not installed: "
+                             "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
+        return self
+
+    @model_validator(mode="after")
+    def _init_fits_method(self) -> "MethodConfig":
+        if self.init in ("pissa", "olora") and self.name != "lora":
+            raise ValueError(f"method.init {self.init} applies to method lora only (it rewrites the base weights, "
+                             "which a quantized base cannot take back exactly)")
+        if self.init == "loftq" and (self.name != "qlora" or self.bits != 4):
+            raise ValueError("method.init loftq applies to method qlora with bits 4: it starts the adapter from "
+                             "the 4-bit quantization error")
+        if self.init in ("pissa", "olora", "loftq") and self.use_dora:
+            raise ValueError(f"method.init {self.init} cannot be combined with use_dora")
+        if self.init in ("pissa", "olora") and self.modules_to_save:
+            raise ValueError(f"method.init {self.init} cannot be combined with modules_to_save (the adapter saved "
+                             "for the original weights would leave those modules out)")
+        return self
+
+    @field_validator("trainable_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            import re
+
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+
+class StageConfig(Section):
+    name: Literal["sft", "pretrain"] = "sft"
+    """sft: learn replies from prompt/reply rows; pretrain: continue pre-training on raw text rows."""
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    lr: float = Field(2e-4, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "galore", "galore_8bit",
+                       "galore_adafactor", "badam"] = "adamw"
+    """adamw; adamw_8bit / paged_adamw_8bit (bitsandbytes: states in 8 bits); adafactor (factored second
+    moments, little state); sgd (with momentum); galore* (AdamW, 8-bit AdamW or Adafactor on gradients
+    projected to low rank; full/freeze); badam (AdamW on one block of layers at a time; full/freeze)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD only."""
+    galore_rank: int = Field(128, ge=1)
+    """GaLore: the rank gradients of the layers' weight matrices are projected to."""
+    galore_update_interval: int = Field(200, ge=1)
+    """GaLore: steps between recomputing each projection from the current gradient."""
+    galore_scale: float = Field(0.25, gt=0)
+    """GaLore: multiplies the projected-back update."""
+    galore_proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    badam_switch_every: int = Field(50, ge=1)
+    """BAdam: optimizer steps on one block (decoder layer) before moving to the next."""
+    badam_order: Literal["random", "ascending", "descending"] = "random"
+    """BAdam: the order blocks take turns in (random: a new shuffle each round, from train.seed)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` picks bf16 autocast where the device supports it, else fp32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = False
+    """Recompute activations during the backward pass: far less memory for ~30 % more compute."""
+    group_by_length: bool = True
+    """Put rows of similar length in the same optimizer step, so little compute goes to padding."""
+    packing: bool = False
+    """Put each micro-batch's rows end to end in one row (no padding at all), attention kept within each example."""
+    logits_at_labels_only: bool = True
+    """Compute the LM head and cross-entropy only at positions that have labels (same loss, less compute)."""
+    bf16_frozen_weights: bool = True
+    """In bf16, store adapter methods' frozen base weights in bf16 (the same numbers autocast uses, half the memory)."""
+    compile: bool = False
+    """torch.compile the model: fused kernels after a compile of a minute or more at the start (pays on long runs)."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: stop (naming the step), or skip that update and count it."""
+    auto_micro_batch: bool = False
+    """On out-of-memory, halve the micro-batch (same rows per step, so the same training) and retry."""
+    log_interval: int = Field(1, ge=1)
+    """Console refresh interval in steps; metrics.jsonl gets every step regardless."""
+
+    @model_validator(mode="after")
+    def _optimizer_needs(self) -> "TrainConfig":
+        import importlib.util
+
+        if self.optimizer.startswith("galore") and importlib.util.find_spec("galore_torch") is None:
+            raise ValueError(f"optimizer {self.optimizer} needs galore-torch, which is not installed: "
+                             "pip install galore-torch (or tunesmith[galore])")
+        if self.optimizer.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"optimizer {self.optimizer} needs bitsandbytes, which is not installed: "
+                             "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
+        return self
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1), e.g. [0.9, 0.999]")
+        return v
+
+
+class EvalConfig(Section):
+    interval: int | None = Field(None, ge=1)
+    """Validation loss every N optimizer steps (and always at the end). None = only at the end."""
+    batch_size: int = Field(8, ge=1)
+    max_batches: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(Section):
+    interval: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str = "runs/run"
+    overwrite: bool = False
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    stage: StageConfig = Field(default_factory=StageConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "Config":
+        if self.data.train_file is None:
+            raise ValueError("data.train_file is required")
+        return self
+
+    @model_validator(mode="after")
+    def _optimizer_fits_method(self) -> "Config":
+        problem = optimizer_method_problem(self.train.optimizer, self.method.name)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def optimizer_method_problem(optimizer: str, method: str) -> str | None:
+    """Why train.optimizer cannot go with method.name, or None."""
+    if (optimizer.startswith("galore") or optimizer == "badam") and method not in ("full", "freeze"):
+        return (f"train.optimizer {optimizer} works on the model's own weights, so it needs method.name full or "
+                f"freeze (it is {method}); adapters are small enough for adamw")
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _section_fields(model_cls: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    cls: Any = model_cls
+    for part in path:
+        field = cls.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+# Names other tools use for our keys, so a user coming from them gets pointed at the right one.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "steps": "max_steps",
+    "per_device_train_batch_size": "micro_batch_size", "batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "gradient_accumulation": "grad_accum_steps",
+    "lr_scheduler_type": "lr_scheduler", "scheduler": "lr_scheduler", "warmup": "warmup_steps",
+    "max_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target": "target_modules",
+    "max_length": "max_seq_length", "cutoff_len": "max_seq_length", "sequence_len": "max_seq_length",
+    "model_name_or_path": "name_or_path", "base_model": "name_or_path", "output_dir": "dir",
+    "dataset": "train_file", "eval_steps": "interval", "save_steps": "interval", "save_total_limit": "keep_last",
+    "bf16": "precision", "fp16": "precision", "dtype": "precision",
+}
+
+
+def _suggest(key: str, known: list[str]) -> str | None:
+    alias = ALIASES.get(key.lower())
+    if alias in known:
+        return alias
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _section_fields(Config, loc[:-1])
+            close = _suggest(loc[-1], known)
+            hint = f" Did you mean '{'.'.join(loc[:-1] + (close,))}'?" if close else ""
+            known_txt = f" Known keys here: {', '.join(known)}." if known else ""
+            lines.append(f"unknown key '{key}'.{hint}{known_txt}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {err.get('input')!r})" if loc else msg)
+    return ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `--train.lr=1e-4 --method.name lora` into a nested dict (values parsed as YAML scalars)."""
+    nested: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key=value")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"override '{arg}' has no value: write --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"override '--{key}' must name a section and a key, e.g. --train.lr=1e-4")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        i += 1
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _explain(exc, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, validate, and resolve data paths against the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, ...)")
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = _deep_merge(raw, extra)
+    config = config_from_dict(raw, str(path))
+    return resolve_paths(config, path.parent)
+
+
+def resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Relative data files are relative to the config file, so a config works from any working directory."""
+    for key in ("train_file", "val_file", "test_file"):
+        value = getattr(config.data, key)
+        if value is not None and not Path(value).is_absolute():
+            candidate = base_dir / value
+            if candidate.exists() or not Path(value).exists():
+                setattr(config.data, key, str(candidate.resolve()))
+            else:
+                setattr(config.data, key, str(Path(value).resolve()))
+    template = config.data.template
+    if template.endswith(".jinja") and not Path(template).is_absolute() and (base_dir / template).exists():
+        config.data.template = str((base_dir / template).resolve())  # like the data files
+    model_path = config.model.name_or_path
+    for candidate in (base_dir / model_path, Path(model_path)):
+        if not Path(model_path).is_absolute() and candidate.exists():
+            # A local model path must keep working when chat/eval later run from another directory.
+            config.model.name_or_path = str(candidate.resolve())
+            break
+    return config

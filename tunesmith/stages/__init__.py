@@ -1,0 +1,17 @@
+"""Training stages, one module each behind the Stage protocol (stages/base.py); `stage.name` picks one."""
+
+from __future__ import annotations
+
+from tunesmith.config.schema import Config
+from tunesmith.stages.base import Stage
+from tunesmith.stages.pretrain import PretrainStage
+from tunesmith.stages.sft import SftStage
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (SftStage, PretrainStage)}
+
+
+def get_stage(cfg: Config) -> Stage:
+    return STAGES[cfg.stage.name](cfg.stage, cfg)
+
+
+__all__ = ["STAGES", "Stage", "get_stage"]

@@ -1,0 +1,61 @@
+"""The stage protocol: what one training stage (SFT, continued pre-training, and later DPO, KTO, reward
+modelling, PPO, GRPO) decides, and nothing else.
+
+A stage owns how one optimizer step's rows become micro-batches, the loss of a micro-batch as a *sum* with
+the count it should be divided by, the count of the whole step (the step's normaliser), its evaluation, and
+whether it needs a reference model. The loop sums `loss_sum` over the micro-batches of a step and divides by
+`count(rows)`, so a row weighs the same whatever the micro-batching (DESIGN rule 1); the count is a plain
+integer so a multi-process runtime can all-reduce it before dividing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from tunesmith.config.schema import Config, StageConfig
+
+
+class Stage(ABC):
+    name: str
+    label: str
+    """A few words for tables and `tunesmith explain` (the long text lives in explanations.yaml)."""
+    data_formats: tuple[str, ...] | None = None
+    """The row formats it trains on (None: every format the data layer reads)."""
+    needs_reference: bool = False
+    """True for stages that score batches with a frozen copy of the starting model too (DPO, KTO)."""
+    can_pack: bool = True
+    """Whether micro-batches may be packed (rows end to end): only where rows are scored independently."""
+
+    def __init__(self, cfg: StageConfig, run: Config):
+        self.cfg, self.run = cfg, run
+
+    def check_data(self, data_format: str, source: str) -> str | None:
+        """Why the prepared data cannot train this stage, or None."""
+        if self.data_formats is not None and data_format not in self.data_formats:
+            return (f"stage {self.name} trains on {' or '.join(self.data_formats)} rows, and {source} holds "
+                    f"{data_format} rows; set data.format, or pick the stage for this data (stage.name)")
+        return None
+
+    @abstractmethod
+    def count(self, rows: Sequence[Any]) -> int:
+        """The step's normaliser: what the summed loss of these rows is divided by (label tokens, pairs)."""
+
+    @abstractmethod
+    def batches(self, rows: Sequence[Any], size: int, pad_id: int, packed: bool) -> Iterable[dict[str, torch.Tensor]]:
+        """One optimizer step's rows as micro-batches of `size` rows."""
+
+    @abstractmethod
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(summed loss of the micro-batch, what it counts): the loop divides by the whole step's count."""
+
+    @abstractmethod
+    def evaluate(self, model: torch.nn.Module, rows: Sequence[Any], batch_size: int, pad_id: int, precision: str,
+                 max_batches: int | None) -> dict[str, float]:
+        """Held-out metrics (at least val_loss) over `rows`."""
+
+    def step_metrics(self, rows: Sequence[Any]) -> dict[str, float]:
+        """Numbers of one step for metrics.jsonl besides loss, lr and timing."""
+        return {}

@@ -1,0 +1,245 @@
+"""Everything a run sets up before its first step: data, run directory, model, method, placement, speed
+switches, optimizer, schedule, and (on resume) the exact state of a checkpoint. The step loop
+(training/loop.py) then only runs steps; `Session.checkpoint` and `Session.finish` are the writes it asks for.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tunesmith import __version__
+from tunesmith.config.schema import Config
+from tunesmith.data.batching import RowStream
+from tunesmith.data.pipeline import PreparedData, load_data_and_tokenizer
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import Method, describe_counts, get_method, parameter_counts
+from tunesmith.models.attention import use_packed_attention
+from tunesmith.models.device import pick_device, pick_precision
+from tunesmith.models.layers import causal_lm
+from tunesmith.models.loading import load_causal_lm
+from tunesmith.optim import saving
+from tunesmith.optim.build import build_optimizer
+from tunesmith.optim.schedule import build_scheduler, total_steps
+from tunesmith.planning.preflight import check_before_training
+from tunesmith.run.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
+                                      load_checkpoint, read_state, save_checkpoint, sha256_file)
+from tunesmith.run.metrics import truncate_metrics
+from tunesmith.run.run_dir import RunDir, write_json
+from tunesmith.stages import Stage, get_stage
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_run_files(run: RunDir, cfg: Config, source, tokenizer, data: PreparedData) -> None:
+    run.config.write_text(cfg.to_yaml(), encoding="utf-8")
+    tokenizer.save_pretrained(run.tokenizer)  # carries the chat template used for training
+    data.copy_splits(run.data)
+    write_json(run.data_report, data.report.to_dict())
+    write_json(run.info, {
+        "tunesmith_version": __version__, "status": "running", "method": cfg.method.name, "stage": cfg.stage.name,
+        "template": cfg.data.template, "data_format": data.format,
+        "base_model": {"path": source.path, "gguf_file": source.gguf_file},
+    })
+
+
+def data_hashes(cfg: Config) -> dict[str, str | None]:
+    """Content hashes of the data files, so a resume can tell that the data changed underneath the run."""
+    hashes = {}
+    for key in ("train_file", "val_file", "test_file"):
+        path = getattr(cfg.data, key)
+        hashes[key] = sha256_file(Path(path)) if path else None
+    return hashes
+
+
+def open_run_dir(cfg: Config, resume: bool) -> RunDir:
+    """A new run directory, or (resume) the existing one; an existing run is never silently replaced."""
+    if not resume:
+        return RunDir.create(cfg)
+    run = RunDir(cfg.output.dir)
+    if cfg.output.overwrite:
+        raise TunesmithError("--resume and --overwrite contradict each other: resume continues the run, "
+                             "overwrite deletes it")
+    if not run.exists():
+        raise TunesmithError(f"nothing to resume: {run.path} is not a tunesmith run directory")
+    clean_temporary(run.path)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- speed switches
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing needs no input that requires grad, so it works with frozen embeddings (LoRA).
+    causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def store_frozen_weights_in_bf16(model) -> int:
+    """Hold frozen linear weights in bf16; returns how many tensors changed.
+
+    Under bf16 autocast every linear layer casts its weight to bf16 on each forward anyway, so this gives the
+    same numbers while saving the fp32 copy and the per-step casts. Embeddings (and an LM head tied to them)
+    and norms stay fp32: autocast leaves them in fp32, so their precision is kept.
+    """
+    embedding = causal_lm(model).get_input_embeddings().weight
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for p in (module.weight, module.bias):
+            if p is not None and not p.requires_grad and p is not embedding and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+                changed += 1
+    return changed
+
+
+def compile_decoder(model) -> None:
+    # In place (nn.Module.compile), so parameter names, state dicts and checkpoints are unchanged. Row lengths
+    # vary from step to step, so shapes are marked dynamic rather than recompiled per length.
+    causal_lm(model).get_decoder().compile(dynamic=True)
+
+
+def apply_speed_switches(model, method: Method, tc, precision: str, log, stage: Stage | None = None) -> bool:
+    """The train.* switches that change how a step is computed, not what it computes (tests pin each).
+    Returns whether micro-batches are packed."""
+    if tc.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    packed = (tc.packing and use_packed_attention(model) and not method.soft_prompt
+              and (stage is None or stage.can_pack))
+    if tc.packing and not packed:
+        log("note: packing is off: this model's attention cannot keep packed examples apart, or the method adds "
+            "soft prompts; micro-batches are padded instead")
+    if precision == "bf16" and tc.bf16_frozen_weights and not method.saves_base_weights:
+        store_frozen_weights_in_bf16(model)
+    if tc.compile:
+        compile_decoder(model)
+    return packed
+
+
+# ---------------------------------------------------------------------------------------------- the session
+
+
+@dataclass
+class Session:
+    """A run ready to take its next step; the loop changes only `micro`, `skipped` and the stream's position."""
+
+    cfg: Config
+    run: RunDir
+    data: PreparedData
+    pad_id: int
+    stage: Stage
+    method: Method
+    model: torch.nn.Module
+    params: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: RowStream
+    device: torch.device
+    precision: str
+    packed: bool
+    steps: int
+    start: int
+    micro: int
+    skipped: int
+    identity: dict[str, Any]
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps
+
+    def checkpoint(self, step: int) -> Path:
+        with saving(self.optimizer):  # BAdam: the method saves every layer, not only the active one
+            return save_checkpoint(self.run.path, step, self.method, self.model, self.optimizer, self.scheduler, {
+                "data_position": self.stream.position, "epoch": self.stream.epoch, "micro_batch_size": self.micro,
+                "skipped_steps": self.skipped, "fingerprint": self.identity}, self.cfg.checkpoint.keep_last)
+
+    def finish(self) -> None:
+        """final/ appears complete or not at all (a resumed run replaces it only once the new one is written)."""
+        with saving(self.optimizer):
+            save_final(self.method, self.model, self.run)
+
+
+def save_final(method: Method, model, run: RunDir) -> None:
+    tmp, final, old = run.path / ".final.tmp", run.final, run.path / ".final.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.save(model, tmp)
+    shutil.copy2(run.config, tmp / "config.yaml")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, checkpoint: str | None = None,
+                 force: bool = False, checks: str = "block") -> Session:
+    tc = cfg.train
+    seed_everything(tc.seed)
+    device = pick_device(tc.device)
+    precision = pick_precision(tc.precision, device)
+    stage = get_stage(cfg)
+
+    # ---- data: read, split, render, tokenize (the report is printed before any model is loaded)
+    source, tokenizer, data = load_data_and_tokenizer(cfg)
+    log(data.report.to_text())
+    problem = stage.check_data(data.format, cfg.data.train_file)
+    if problem:
+        raise TunesmithError(problem)
+    if checks != "off":
+        check_before_training(cfg, data.report, log, checks)
+    run = open_run_dir(cfg, resume)
+    if not resume:
+        write_run_files(run, cfg, source, tokenizer, data)
+    identity = fingerprint(cfg, data_hashes(cfg))
+
+    # ---- model: load the base, let the method decide what trains and where it lives
+    method = get_method(cfg.method)
+    base = load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision,
+                          **method.load_kwargs(device))
+    method.place_base(base, device)
+    model = method.build(base)
+    packed = apply_speed_switches(model, method, tc, precision, log, stage)
+    method.place(model, device)
+    params = method.trainable_parameters(model)
+    log(f"method {method.name}: {describe_counts(model)}")
+
+    steps = total_steps(cfg, len(data.train))
+    optimizer = build_optimizer(params, tc, method.lr_multiplier, model, log)
+    scheduler = build_scheduler(optimizer, steps, tc)
+    stream = RowStream(len(data.train), tc.seed, lengths=data.train_lengths if tc.group_by_length else None,
+                       group=tc.micro_batch_size * tc.grad_accum_steps)
+    session = Session(cfg, run, data, tokenizer.pad_token_id, stage, method, model, params, optimizer, scheduler,
+                      stream, device, precision, packed, steps, start=0, micro=tc.micro_batch_size, skipped=0,
+                      identity=identity)
+
+    # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
+    if resume:
+        ckpt = find_checkpoint(run.path, checkpoint)
+        state = read_state(ckpt)
+        for change in check_resumable(state["fingerprint"], identity, force):
+            log(f"warning (--force): {change}")
+        load_checkpoint(ckpt, state, method, model, optimizer, scheduler)
+        session.start, stream.position = state["step"], state["data_position"]
+        session.micro, session.skipped = state["micro_batch_size"], state["skipped_steps"]
+        truncate_metrics(run.metrics, session.start)  # later lines came from the lost part of the run
+        log(f"resuming from {ckpt.name}: step {session.start} of {steps}, epoch {stream.epoch}")
+    if session.start >= steps:
+        raise TunesmithError(f"the checkpoint is at step {session.start} and the run has {steps} steps; "
+                             "raise train.max_steps (or train.epochs) to train further")
+    trainable, total = parameter_counts(model)
+    run.update_info(status="running", parameters={
+        "total": total, "trainable": trainable, "embedding": causal_lm(model).get_input_embeddings().weight.numel()},
+        **({"resumed_from": f"step-{session.start:06d}"} if resume else {}))
+    log(f"training {steps} steps of {session.rows_per_step} rows ({tc.micro_batch_size} × {tc.grad_accum_steps} "
+        f"accumulation) on {device.type} in {precision}; run dir {run.path}")
+    return session
