@@ -119,7 +119,7 @@ def test_bf16_keeps_the_scales_fp32_and_the_activations_bf16():
 
 
 def test_a_run_lowers_the_loss_resumes_exactly_and_its_directory_applies_the_method(make_config, tmp_path):
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
     from tunesmith.inference.loading import load_for_inference
     from tunesmith.training.loop import train
 

@@ -44,8 +44,12 @@ def test_unknown_section_and_bad_values(tmp_path):
 def test_overrides_and_relative_paths(tmp_path):
     (tmp_path / "rows.jsonl").write_text("{}\n")
     path = write_yaml(tmp_path / "c.yaml", {"data": {"train_file": "rows.jsonl"}, "train": {"lr": 1e-4}})
-    cfg = load_config(path, ["--train.lr=3e-4", "--method.name", "full", "--method.target_modules=[q_proj]"])
-    assert cfg.train.lr == 3e-4 and cfg.method.name == "full" and cfg.method.target_modules == ["q_proj"]
+    cfg = load_config(path, ["--train.lr=3e-4", "--method.name", "ia3", "--method.target_modules=[q_proj]"])
+    assert cfg.train.lr == 3e-4 and cfg.method.name == "ia3" and cfg.method.target_modules == ["q_proj"]
+    # a key of another method is not part of this method's section: dropped, with a warning naming its owners
+    with pytest.warns(UserWarning, match="method.target_modules applies to method lora, qlora, ia3, oft, boft, not full"):
+        cfg = load_config(path, ["--method.name", "full", "--method.target_modules=[q_proj]"])
+    assert cfg.method.model_dump() == {"name": "full"}
     assert cfg.data.train_file == str((tmp_path / "rows.jsonl").resolve())
     with pytest.raises(ConfigError, match="did you mean|Did you mean"):
         load_config(path, ["--train.learnin_rate=1"])

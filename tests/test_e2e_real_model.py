@@ -55,7 +55,7 @@ def test_merged_export_reproduces_the_adapter_models_greedy_output(demo_run, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.templates import encode_prompt
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
     from tunesmith.inference.generate import Sampling, generate_batch
     from tunesmith.inference.loading import load_for_inference
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command;"
-                           "sys.exit(lint_imports_command())"], cwd=cwd, capture_output=True, text=True,
+                           "sys.argv = ['lint-imports', '--no-cache']; sys.exit(lint_imports_command())"], cwd=cwd, capture_output=True, text=True,
                           env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
 
 

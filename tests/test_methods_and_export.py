@@ -128,7 +128,7 @@ def test_merged_export_loads_with_plain_transformers_and_matches(trained_run, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.templates import CHATML, encode_prompt
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
     from tunesmith.inference.loading import load_for_inference
 
     export_run(trained_run, "merged", tmp_path / "merged")
@@ -163,7 +163,7 @@ def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, other_eos_b
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
     from tunesmith.inference.loading import load_for_inference
 
     export_run(trained_run, "adapter", tmp_path / "adapter")
@@ -174,7 +174,7 @@ def test_adapter_export_loads_with_plain_peft(trained_run, tmp_path, other_eos_b
 
 
 def test_export_never_overwrites(trained_run, tmp_path):
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
 
     out = tmp_path / "taken"
     out.mkdir()
@@ -300,3 +300,26 @@ def test_sampling_settings_reach_generate():
     kw = Sampling(max_new_tokens=7, temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.2).generate_kwargs(Tok())
     assert kw == {**kw, "do_sample": True, "temperature": 0.8, "top_p": 0.9, "top_k": 20,
                   "repetition_penalty": 1.2, "max_new_tokens": 7, "eos_token_id": 2}
+
+
+def test_chat_session_keeps_the_history_and_replies_as_generate_does(trained_run):
+    """The chat the CLI, a server and the board share: each reply is what generate gives for the whole
+    conversation so far (system prompt first); /reset keeps only the system prompt; commands are recognised."""
+    from tunesmith.inference.chat import ChatSession
+    from tunesmith.inference.generate import Sampling, generate_batch
+    from tunesmith.inference.loading import load_for_inference
+
+    loaded = load_for_inference(trained_run)
+    sampling = Sampling(max_new_tokens=5)
+    session = ChatSession(loaded, system="Answer briefly.", sampling=sampling)
+    first = session.ask("Shout this. cat")
+    second = session.ask("And this. dog")
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Shout this. cat"},
+                    {"role": "assistant", "content": first}, {"role": "user", "content": "And this. dog"}]
+    assert second == generate_batch(loaded.model, loaded.tokenizer, [conversation], sampling)[0]
+    assert session.history == conversation + [{"role": "assistant", "content": second}]
+    assert first == generate_batch(loaded.model, loaded.tokenizer, [conversation[:2]], sampling)[0]
+    session.reset()
+    assert session.history == conversation[:1]
+    assert [session.command(t) for t in ("/exit", " /reset ", "", "/quit", "hello")] == [
+        "exit", "reset", "empty", "exit", None]

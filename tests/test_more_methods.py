@@ -10,7 +10,7 @@ import torch
 from conftest import build_tiny_model
 from test_methods_and_export import IDS, logits, perturb
 from tunesmith.config.schema import MethodConfig, TrainConfig
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.methods import get_method, parameter_counts
 
 # The tiny model's linear layers per decoder layer as (in, out); 2 layers, vocabulary 300, hidden 32.
@@ -123,7 +123,7 @@ def test_bad_settings_are_clear_config_errors():
 
 @pytest.mark.parametrize("name", ["ia3", "oft", "boft", "adapter"])
 def test_a_run_directory_applies_its_method_when_loaded(make_config, name, tmp_path):
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
     from tunesmith.inference.loading import load_for_inference
     from tunesmith.training.loop import train
 
@@ -281,16 +281,30 @@ def test_qlora_run_reloads_the_trained_model_on_a_4bit_base(make_config, tiny64_
     assert val_loss == pytest.approx(last_val_loss(run), rel=1e-6)
 
 
-def test_qlora_without_bitsandbytes_fails_at_config_validation(monkeypatch):
+def test_qlora_without_bitsandbytes_parses_and_the_preflight_names_the_install(monkeypatch, make_config):
+    """A run's config reads without the optional extras (a saved run can be inspected anywhere); the pre-flight
+    of doctor and train says what to install."""
     import importlib.util
 
     from tunesmith.config.schema import config_from_dict
+    from tunesmith.planning.preflight import packages
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ConfigError, match="method qlora needs bitsandbytes"):
-        config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "qlora"}})
+                        lambda name, *a: None if name in ("bitsandbytes", "galore_torch") else real(name, *a))
+    cfg = config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "qlora"}})
+    [finding] = packages(cfg)
+    assert finding.severity == "error" and "method qlora needs bitsandbytes" in finding.message
+    assert "pip install 'bitsandbytes>=0.49'" in finding.suggestion
+    galore = config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "full"},
+                               "train": {"optimizer": "galore_8bit"}})
+    assert [f.message for f in packages(galore)] == [
+        "train.optimizer galore_8bit needs galore_torch, which is not installed",
+        "train.optimizer galore_8bit needs bitsandbytes, which is not installed"]
+    with pytest.raises(TunesmithError, match="pre-flight checks found 1 error"):
+        from tunesmith.training.loop import train
+
+        train(make_config(method={"name": "qlora"}), log=lambda *_: None)
 
 
 # ------------------------------------------------------------------------------------- LLaMA-Adapter

@@ -367,7 +367,7 @@ def test_eval_generates_from_the_training_prompt(trained, record, case):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
 
     cache: dict = {}
 

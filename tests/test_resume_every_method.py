@@ -275,7 +275,7 @@ def test_merged_export_of_a_qlora_run_is_a_plain_model_close_to_the_trained_one(
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
 
     run, trained = whole_run(key, bases, data_file, tmp_path_factory)
     with pytest.warns(UserWarning, match="quantization gap"):

@@ -19,6 +19,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+def _choices(path: str) -> str:
+    """The allowed values of a config key, for --help (the config's names, which tests/test_registries.py holds
+    equal to the registries', without importing the registries' heavy modules at start-up)."""
+    from tunesmith.config.explain import config_fields
+
+    return " | ".join(str(c) for c in config_fields()[path].choices)
+
+
+def _export_formats() -> list[str]:
+    from tunesmith.config.explain import choices_of
+
+    return list(choices_of("export.format"))
+
+
 def _load(config: Path, overrides: list[str]):
     from tunesmith.config.schema import load_config
 
@@ -106,13 +120,11 @@ def chat(model: str = typer.Argument(..., help="run directory, model directory, 
          repetition_penalty: float = 1.1, checkpoint: Optional[str] = None) -> None:
     """Interactive chat with streamed replies. Commands: /reset clears the history, /exit quits."""
     quiet_libraries()
-    from tunesmith.inference.generate import stream_reply
+    from tunesmith.inference.chat import ChatSession
     from tunesmith.inference.loading import load_for_inference
 
-    loaded = load_for_inference(model, checkpoint)
-    system = system or loaded.default_system
-    sampling = _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    session = ChatSession(load_for_inference(model, checkpoint), system,
+                          _sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty))
     print("Chat started. /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
@@ -120,17 +132,15 @@ def chat(model: str = typer.Argument(..., help="run directory, model directory, 
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
-        if text.strip() in ("/exit", "/quit"):
+        command = session.command(text)
+        if command == "exit":
             return
-        if text.strip() == "/reset":
-            history = history[:1] if system else []
+        if command == "reset":
+            session.reset()
+        if command:
             continue
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
         print("assistant> ", end="", flush=True)
-        reply = stream_reply(loaded.model, loaded.tokenizer, history, sampling)
-        history.append({"role": "assistant", "content": reply})
+        session.ask(text, stream=True)
 
 
 @app.command("eval")
@@ -164,12 +174,12 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
 
 @app.command()
 def export(run: str = typer.Argument(..., help="run directory"),
-           format: str = typer.Option("merged", "--format", help="merged | adapter"),
+           format: str = typer.Option("merged", "--format", help=" | ".join(_export_formats())),
            out: Path = typer.Option(..., "--out", help="directory to write (must not exist or be empty)"),
            checkpoint: Optional[str] = None) -> None:
     """Write the trained model as merged safetensors weights or as a PEFT adapter."""
     quiet_libraries()
-    from tunesmith.export.merged import export_run
+    from tunesmith.export import export_run
 
     print(export_run(run, format, out, checkpoint))
 
@@ -204,8 +214,10 @@ def explain(topic: str = typer.Argument("all", help="a key (train.lr or just lr)
 @app.command()
 def init(out: Path = typer.Argument(..., help="the YAML file to write (must not exist)"),
          model: str = typer.Option("smollm2-135m-instruct", "--model", help="short name, directory, .gguf or hub id"),
-         method: str = typer.Option("lora", "--method", help="lora | qlora | full | freeze | ia3 | oft | boft | adapter | prompt | prefix"),
+         method: str = typer.Option("lora", "--method", help=_choices("method.name")),
          data: str = typer.Option("data/train.jsonl", "--data", help="the training file (JSON or JSONL rows)"),
+         optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("train.optimizer")),
+         stage: str = typer.Option("sft", "--stage", help=_choices("stage.name")),
          ) -> None:
     """Write a complete config with every key explained in a comment above it."""
     from tunesmith.planning.init_config import init_config
@@ -213,7 +225,7 @@ def init(out: Path = typer.Argument(..., help="the YAML file to write (must not 
     if out.exists():
         raise TunesmithError(f"{out} exists; tunesmith init never overwrites a file")
     try:
-        text = init_config(model, method, data, output_dir=f"runs/{out.stem}")
+        text = init_config(model, method, data, output_dir=f"runs/{out.stem}", optimizer=optimizer, stage=stage)
     except ValueError as exc:
         raise TunesmithError(str(exc)) from None
     out.write_text(text, encoding="utf-8")
@@ -248,10 +260,8 @@ def estimate(
     model: Optional[str] = typer.Option(None, "--model", help="short name, directory, .gguf or hub id (its config "
                                         "is read; weights are not loaded)"),
     params: Optional[float] = typer.Option(None, "--params", help="parameter count instead of --model, e.g. 7e9"),
-    method: str = typer.Option("lora", "--method", help="full | freeze | lora | qlora | ia3 | oft | boft | adapter | "
-                               "adapter_v2 | prompt | prefix"),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw_8bit | paged_adamw_8bit | adafactor | "
-                                  "sgd | galore | galore_8bit | galore_adafactor | badam"),
+    method: str = typer.Option("lora", "--method", help=_choices("method.name")),
+    optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("train.optimizer")),
     precision: str = typer.Option("bf16", "--precision", help="bf16 | fp32"),
     micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="rows per forward/backward pass"),
     seq: int = typer.Option(1024, "--seq", min=8, help="tokens per row (the longest row, at most max_seq_length)"),

@@ -36,12 +36,22 @@ class FieldInfo:
 
 
 def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str, FieldInfo]:
-    """Every leaf field of the config by dotted path, with its default and allowed values."""
+    """Every leaf field of the config by dotted path, with its default and allowed values. A section that is a
+    union (method: one model per method) lists every member's keys, its default member's first."""
     out: dict[str, FieldInfo] = {}
     for name, field in model.model_fields.items():
         kind = field.annotation
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             out.update(config_fields(kind, f"{prefix}{name}."))
+            continue
+        members = [a for a in typing.get_args(kind) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if members and len(members) == len(typing.get_args(kind)):
+            default = field.get_default(call_default_factory=True)
+            for member in [type(default), *members]:
+                for path, info in config_fields(member, f"{prefix}{name}.").items():
+                    out.setdefault(path, info)
+            tags = [m.model_fields["name"].default for m in members]
+            out[f"{prefix}{name}.name"] = FieldInfo(f"{prefix}{name}.name", default.name, tags)
             continue
         default = field.get_default(call_default_factory=True)
         out[prefix + name] = FieldInfo(prefix + name, default, _choices(kind))
@@ -70,8 +80,21 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def choice(key: str, name: str) -> dict[str, str]:
+    """The label and meaning of one choice of a key (a registry entry's explanation): choice("method.name", "lora")."""
+    try:
+        return texts()["choices"][key][name]
+    except KeyError:
+        raise ConfigError(f"explanations.yaml has no entry choices.{key}.{name}") from None
+
+
+def choices_of(key: str) -> dict[str, dict[str, str]]:
+    return texts()["choices"].get(key, {})
+
+
 def resolve_topic(topic: str) -> tuple[str, str]:
-    """(kind, key) for a field path, a bare field name when unique, a section, a concept, or `all`."""
+    """(kind, key) for a field path, a bare field name when unique, a section, a concept, a choice (`badam`,
+    `pretrain`: key/name), or `all`."""
     fields, data = config_fields(), texts()
     topic = topic.strip().lower().replace("-", "_")
     if topic in ("all", ""):
@@ -87,6 +110,9 @@ def resolve_topic(topic: str) -> tuple[str, str]:
         return "field", by_name[0]
     if by_name:
         raise ConfigError(f"'{topic}' is ambiguous: {', '.join(by_name)}")
+    owners = [key for key, entries in data.get("choices", {}).items() if topic in entries]
+    if owners:
+        return "choice", f"{owners[0]}/{topic}"
     import difflib
 
     close = difflib.get_close_matches(topic, list(fields) + list(data["sections"]) + list(data["concepts"]), n=3)
@@ -113,7 +139,15 @@ def explain_field(path: str) -> str:
         lines += _wrap("too low: ", entry["too_low"])
     if entry.get("interacts"):
         lines += _wrap("see also: ", ", ".join(entry["interacts"]))
+    for name, described in choices_of(path).items():
+        lines += _wrap(f"{name}: ", f"{described['label']}. {described['meaning']}", indent=4)
     return "\n".join(lines)
+
+
+def explain_choice(key_and_name: str) -> str:
+    key, name = key_and_name.split("/")
+    described = choice(key, name)
+    return "\n".join([f"{key}: {name}  ({described['label']})"] + _wrap("", described["meaning"]))
 
 
 def explain_concept(name: str) -> str:
@@ -138,6 +172,8 @@ def explain(topic: str = "all") -> str:
         return explain_section(key)
     if kind == "concept":
         return explain_concept(key)
+    if kind == "choice":
+        return explain_choice(key)
     sections = [explain_section(s) for s in Config.model_fields]
     concepts = "\n\n".join(explain_concept(c) for c in texts()["concepts"])
     return "\n\n\n".join(sections + ["Words you will meet in the output\n\n" + concepts])

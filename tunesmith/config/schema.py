@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -69,14 +69,14 @@ class DataConfig(Section):
         return v
 
 
-class MethodConfig(Section):
-    name: Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt",
-                  "prefix"] = "lora"
-    # LoRA
+class _Lora(Section):
+    """LoRA's keys, shared by lora and qlora."""
+
+    name: Literal["lora", "qlora"] = "lora"
     r: int = Field(8, ge=1)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    """LoRA's input dropout; OFT's and BOFT's module dropout."""
+    """LoRA's input dropout."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     use_dora: bool = False
     use_rslora: bool = False
@@ -85,36 +85,9 @@ class MethodConfig(Section):
     quantization error (qlora, 4-bit)."""
     lora_plus_ratio: float | None = Field(None, gt=0)
     modules_to_save: list[str] = Field(default_factory=list)
-    # QLoRA: the quantized base
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bf16", "fp32"] = "bf16"
-    # OFT / BOFT
-    block_size: int = Field(32, ge=1)
-    # adapter, adapter_v2 (LLaMA-Adapter): prompt vectors in the top layers
-    adapter_layers: int = Field(8, ge=1)
-    adapter_len: int = Field(10, ge=1)
-    # prompt / prefix tuning
-    num_virtual_tokens: int = Field(20, ge=1)
-    prompt_init_text: str | None = None
-    # freeze: train the last N decoder layers, modules whose name contains one of these strings, and/or
-    # parameters whose name matches a regular expression
-    trainable_layers: int = Field(2, ge=0)
-    trainable_modules: list[str] = Field(default_factory=list)
-    trainable_regex: str | None = None
 
     @model_validator(mode="after")
-    def _needs_bitsandbytes(self) -> "MethodConfig":
-        import importlib.util
-
-        if self.name == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError("method qlora needs bitsandbytes, which is not installed: "
-                             "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
-        return self
-
-    @model_validator(mode="after")
-    def _init_fits_method(self) -> "MethodConfig":
+    def _init_fits_method(self):
         if self.init in ("pissa", "olora") and self.name != "lora":
             raise ValueError(f"method.init {self.init} applies to method lora only (it rewrites the base weights, "
                              "which a quantized base cannot take back exactly)")
@@ -128,6 +101,19 @@ class MethodConfig(Section):
                              "for the original weights would leave those modules out)")
         return self
 
+
+class FullSection(Section):
+    name: Literal["full"] = "full"
+
+
+class FreezeSection(Section):
+    name: Literal["freeze"] = "freeze"
+    # train the last N decoder layers, modules whose name contains one of these strings, and/or parameters
+    # whose name matches a regular expression
+    trainable_layers: int = Field(2, ge=0)
+    trainable_modules: list[str] = Field(default_factory=list)
+    trainable_regex: str | None = None
+
     @field_validator("trainable_regex")
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
@@ -139,6 +125,107 @@ class MethodConfig(Section):
             except re.error as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
         return v
+
+
+class LoraSection(_Lora):
+    name: Literal["lora"] = "lora"
+
+
+class QloraSection(_Lora):
+    name: Literal["qlora"] = "qlora"
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+class Ia3Section(Section):
+    name: Literal["ia3"] = "ia3"
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+
+
+class OftSection(Section):
+    name: Literal["oft"] = "oft"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """OFT's and BOFT's module dropout."""
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    block_size: int = Field(32, ge=1)
+
+
+class BoftSection(OftSection):
+    name: Literal["boft"] = "boft"
+
+
+class AdapterSection(Section):
+    """LLaMA-Adapter: prompt vectors in the top layers."""
+
+    name: Literal["adapter"] = "adapter"
+    adapter_layers: int = Field(8, ge=1)
+    adapter_len: int = Field(10, ge=1)
+
+
+class AdapterV2Section(AdapterSection):
+    name: Literal["adapter_v2"] = "adapter_v2"
+
+
+class PromptSection(Section):
+    name: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, ge=1)
+    prompt_init_text: str | None = None
+
+
+class PrefixSection(Section):
+    name: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(20, ge=1)
+
+
+METHOD_SECTIONS: dict[str, type[Section]] = {cls.model_fields["name"].default: cls for cls in (
+    FullSection, FreezeSection, LoraSection, QloraSection, Ia3Section, OftSection, BoftSection, AdapterSection,
+    AdapterV2Section, PromptSection, PrefixSection)}
+"""Each method's own section: `method.name` picks one, and only its keys belong under `method:`."""
+MethodSection = Annotated[Union[tuple(METHOD_SECTIONS.values())], Field(discriminator="name")]
+
+
+def _method_defaults() -> dict[str, Any]:
+    """Every method key's default, over all methods (a key two methods share has one default)."""
+    out: dict[str, Any] = {}
+    for cls in METHOD_SECTIONS.values():
+        for key, field in cls.model_fields.items():
+            out.setdefault(key, field.get_default(call_default_factory=True))
+    return out
+
+
+def method_section(raw: Any) -> Any:
+    """The method section as its own method's keys. Configs saved before methods had sections of their own list
+    every method's keys: a key of another method at its default value is dropped silently; one set to
+    something else is dropped with a warning that names the methods it belongs to."""
+    if not isinstance(raw, dict):
+        return raw
+    name = raw.get("name", "lora")
+    own = METHOD_SECTIONS.get(name)
+    if own is None:
+        return raw  # pydantic names the allowed values
+    defaults = _method_defaults()
+    kept = {}
+    for key, value in raw.items():
+        if key in own.model_fields or key not in defaults:
+            kept[key] = value  # its own keys, and unknown keys (for the did-you-mean)
+        elif value != defaults[key]:
+            owners = [m for m, cls in METHOD_SECTIONS.items() if key in cls.model_fields]
+            import warnings
+
+            warnings.warn(f"method.{key} applies to method {', '.join(owners)}, not {name}; ignored", stacklevel=4)
+    return {"name": name, **kept}
+
+
+def MethodConfig(**fields: Any) -> Section:  # noqa: N802  (reads like the class it was in 0.1)
+    """The section model of `fields["name"]` (lora by default), built from keyword arguments."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(MethodSection).validate_python(method_section({"name": "lora", **fields}))
+    except ValidationError as exc:
+        raise _explain(exc, "method") from None
 
 
 class StageConfig(Section):
@@ -201,18 +288,6 @@ class TrainConfig(Section):
     log_interval: int = Field(1, ge=1)
     """Console refresh interval in steps; metrics.jsonl gets every step regardless."""
 
-    @model_validator(mode="after")
-    def _optimizer_needs(self) -> "TrainConfig":
-        import importlib.util
-
-        if self.optimizer.startswith("galore") and importlib.util.find_spec("galore_torch") is None:
-            raise ValueError(f"optimizer {self.optimizer} needs galore-torch, which is not installed: "
-                             "pip install galore-torch (or tunesmith[galore])")
-        if self.optimizer.endswith("8bit") and importlib.util.find_spec("bitsandbytes") is None:
-            raise ValueError(f"optimizer {self.optimizer} needs bitsandbytes, which is not installed: "
-                             "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
-        return self
-
     @field_validator("adam_betas")
     @classmethod
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -241,12 +316,19 @@ class OutputConfig(Section):
 class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodSection = Field(default_factory=LoraSection)
     stage: StageConfig = Field(default_factory=StageConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_method_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "method" in raw:
+            raw = {**raw, "method": method_section(raw["method"])}
+        return raw
 
     @model_validator(mode="after")
     def _needs_data(self) -> "Config":
@@ -268,11 +350,22 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# What config validation needs of each optimizer (optim/registry.py holds the rest of each entry): the methods
+# it accepts, where not every one, and the train.* settings only it reads.
+OPTIMIZER_METHODS: dict[str, tuple[str, ...]] = {
+    name: ("full", "freeze") for name in ("galore", "galore_8bit", "galore_adafactor", "badam")}
+_GALORE = ("galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type")
+OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum",), "galore": _GALORE, "galore_8bit": _GALORE, "galore_adafactor": _GALORE,
+    "badam": ("badam_switch_every", "badam_order")}
+
+
 def optimizer_method_problem(optimizer: str, method: str) -> str | None:
     """Why train.optimizer cannot go with method.name, or None."""
-    if (optimizer.startswith("galore") or optimizer == "badam") and method not in ("full", "freeze"):
-        return (f"train.optimizer {optimizer} works on the model's own weights, so it needs method.name full or "
-                f"freeze (it is {method}); adapters are small enough for adamw")
+    accepted = OPTIMIZER_METHODS.get(optimizer)
+    if accepted is not None and method not in accepted:
+        return (f"train.optimizer {optimizer} works on the model's own weights, so it needs method.name "
+                f"{' or '.join(accepted)} (it is {method}); adapters are small enough for adamw")
     return None
 
 
@@ -316,13 +409,23 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     lines = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
+        method = None
+        if loc[:1] == ("method",) and len(loc) > 2 and loc[1] in METHOD_SECTIONS:
+            method, loc = loc[1], loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
         key = ".".join(loc) or "(top level)"
+        if err["type"] == "union_tag_invalid" and loc == ("method",):
+            tag = str(err.get("ctx", {}).get("tag", ""))
+            close = _suggest(tag, list(METHOD_SECTIONS))
+            lines.append(f"method.name: '{tag}' is not a method; one of {', '.join(METHOD_SECTIONS)}."
+                         + (f" Did you mean '{close}'?" if close else ""))
+            continue
         if err["type"] == "extra_forbidden":
-            known = _section_fields(Config, loc[:-1])
+            known = (list(METHOD_SECTIONS[method].model_fields) if method and len(loc) == 2
+                     else _section_fields(Config, loc[:-1]))
             close = _suggest(loc[-1], known)
             hint = f" Did you mean '{'.'.join(loc[:-1] + (close,))}'?" if close else ""
             known_txt = f" Known keys here: {', '.join(known)}." if known else ""
-            lines.append(f"unknown key '{key}'.{hint}{known_txt}")
+            lines.append(f"unknown key '{key}'{f' (method {method})' if method else ''}.{hint}{known_txt}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {msg} (got {err.get('input')!r})" if loc else msg)

@@ -10,11 +10,12 @@ Formats:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+from tunesmith.config.explain import choice
 from tunesmith.data.reading import BadRow, Row
 from tunesmith.errors import DataError
 
-FORMATS = ("alpaca", "messages", "sharegpt", "text")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -41,18 +42,6 @@ def _field(row: Row, name: str, columns: dict[str, str]) -> str:
     return columns.get(name, name)
 
 
-def detect_format(row: Row, columns: dict[str, str]) -> str:
-    keys = set(row.data)
-    for fmt, marker in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"), ("text", "text")):
-        if _field(row, marker, columns) in keys:
-            return fmt
-    raise DataError(
-        f"{row.where}: cannot tell the data format from the keys {sorted(keys)}. Expected 'instruction'+'output' "
-        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT) or 'text'. Set data.format, and map "
-        "your column names with data.columns, e.g. {instruction: question, output: answer}."
-    )
-
-
 def _string(row: Row, columns: dict[str, str], name: str, required: bool, allow_empty: bool = False) -> str | None:
     key = _field(row, name, columns)
     shown = name if key == name else f"{key}' (mapped to '{name}"
@@ -68,24 +57,29 @@ def _string(row: Row, columns: dict[str, str], name: str, required: bool, allow_
     return value
 
 
-def to_example(row: Row, fmt: str, columns: dict[str, str]) -> Example:
-    """Normalise one row; raises BadRow naming the row and field when it does not fit the format."""
-    if fmt == "alpaca":
-        instruction = _string(row, columns, "instruction", required=True)
-        extra = _string(row, columns, "input", required=False)
-        output = _string(row, columns, "output", required=True)
-        system = _string(row, columns, "system", required=False)
-        user = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": output},
-        ]
-        return Example(messages=messages, where=row.where)
-    if fmt == "text":
-        return Example(text=_string(row, columns, "text", required=True), where=row.where)
-    if fmt in ("messages", "sharegpt"):
-        list_key = _field(row, "messages" if fmt == "messages" else "conversations", columns)
-        role_key, content_key = ("role", "content") if fmt == "messages" else ("from", "value")
+def _alpaca(row: Row, columns: dict[str, str]) -> Example:
+    instruction = _string(row, columns, "instruction", required=True)
+    extra = _string(row, columns, "input", required=False)
+    output = _string(row, columns, "output", required=True)
+    system = _string(row, columns, "system", required=False)
+    user = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": output},
+    ]
+    return Example(messages=messages, where=row.where)
+
+
+def _text(row: Row, columns: dict[str, str]) -> Example:
+    return Example(text=_string(row, columns, "text", required=True), where=row.where)
+
+
+def _chat(fmt: str) -> Callable[[Row, dict[str, str]], Example]:
+    list_name, role_key, content_key = ("messages", "role", "content") if fmt == "messages" else (
+        "conversations", "from", "value")
+
+    def read(row: Row, columns: dict[str, str]) -> Example:
+        list_key = _field(row, list_name, columns)
         turns = row.data.get(list_key)
         if turns is None:
             raise BadRow(f"{row.where}: missing field '{list_key}'")
@@ -113,4 +107,46 @@ def to_example(row: Row, fmt: str, columns: dict[str, str]) -> Example:
         if not any(m["role"] == "user" for m in messages):
             raise BadRow(f"{row.where}: field '{list_key}' has no user message")
         return Example(messages=messages, where=row.where)
-    raise DataError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    return read
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    name: str
+    marker: str
+    """The key whose presence in the first row identifies the format (after data.columns' mapping)."""
+    read: Callable[[Row, dict[str, str]], Example]
+    """One row into an Example; raises BadRow naming the row and field when it does not fit."""
+    stages: tuple[str, ...]
+    """The training stages its rows can train."""
+
+    def explanation(self) -> dict[str, str]:
+        return choice("data.format", self.name)
+
+
+FORMATS: dict[str, DataFormat] = {f.name: f for f in (
+    DataFormat("alpaca", "instruction", _alpaca, ("sft",)),
+    DataFormat("messages", "messages", _chat("messages"), ("sft",)),
+    DataFormat("sharegpt", "conversations", _chat("sharegpt"), ("sft",)),
+    DataFormat("text", "text", _text, ("sft", "pretrain")),
+)}
+DETECTION_ORDER = ("messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
+
+
+def detect_format(row: Row, columns: dict[str, str]) -> str:
+    keys = set(row.data)
+    for fmt in DETECTION_ORDER:
+        if _field(row, FORMATS[fmt].marker, columns) in keys:
+            return fmt
+    raise DataError(
+        f"{row.where}: cannot tell the data format from the keys {sorted(keys)}. Expected 'instruction'+'output' "
+        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT) or 'text'. Set data.format, and map "
+        "your column names with data.columns, e.g. {instruction: question, output: answer}."
+    )
+
+
+def to_example(row: Row, fmt: str, columns: dict[str, str]) -> Example:
+    """Normalise one row; raises BadRow naming the row and field when it does not fit the format."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format '{fmt}'; expected one of {', '.join(FORMATS)}")
+    return FORMATS[fmt].read(row, columns)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch.nn as nn
+from pydantic import BaseModel
 
+from tunesmith.config.explain import choice
 from tunesmith.config.schema import MethodConfig
 
 LoadBase = Callable[..., nn.Module]
@@ -19,13 +21,27 @@ CPU (on=torch.device("cpu")), where de-quantizing to full precision does not nee
 
 
 class Method(ABC):
+    """One registry entry (methods/__init__.py): besides building and saving, a method says what the config,
+    `init`, `estimate` and the board need to know about it, so no other module keeps a list of methods."""
+
     name: str
+    config: type[BaseModel]
+    """Its own section of the config (config/schema.py): the method.* keys it reads."""
+    init_values: dict[str, Any] = {}
+    """Values `tunesmith init` starts a config with (train.lr above all)."""
+    stages: tuple[str, ...] = ("sft", "pretrain")
+    """The training stages it supports."""
+    packages: tuple[tuple[str, str], ...] = ()
+    """(import name, what to pip install) for each package it needs beyond the core install (the config parses
+    without them; doctor and the pre-flight name the install)."""
     saves_base_weights: bool = True
     """False for adapter methods: the frozen base is never written, so it may be held in lower precision."""
     quantized: bool = False
     """True when the base is loaded quantized (load_kwargs says how); it is then placed while loading."""
     build_on_device: bool = False
     """True when build() does heavy work on the weights (PiSSA's SVDs): the base moves to the device first."""
+    mergeable: bool = True
+    """False when the training cannot be folded into the weights (soft prompts, gated adapter prompts)."""
     soft_prompt: bool = False
     """True when the method puts learned positions before every input (prompt tuning): rows cannot be packed."""
 
@@ -35,6 +51,28 @@ class Method(ABC):
     @abstractmethod
     def build(self, model: nn.Module) -> nn.Module:
         """Prepare a freshly loaded base model for training (freeze, wrap) and return what trains."""
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The method.* keys besides name (`tunesmith init` writes only these)."""
+        return tuple(key for key in cls.config.model_fields if key != "name")
+
+    @classmethod
+    def explanation(cls) -> dict[str, str]:
+        """Its label and meaning (explanations.yaml, choices.method.name)."""
+        return choice("method.name", cls.name)
+
+    @staticmethod
+    @abstractmethod
+    def trainable_count(shape, plan) -> int:
+        """Trained parameters for `tunesmith estimate`, from a planning.estimate ModelShape and Plan (duck-typed:
+        the planning layer sits above this one)."""
+
+    @staticmethod
+    def active_layers(shape, plan) -> int:
+        """Decoder layers that keep activations for the backward pass (frozen layers below the first trained one
+        need none)."""
+        return shape.layers
 
     def place_base(self, base: nn.Module, device) -> None:
         """Before build(): a quantized base was placed while it loaded; others move only if build needs it."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from tunesmith.config.schema import FreezeSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import LoadBase, Method
 from tunesmith.models.layers import decoder_layers
@@ -18,6 +19,16 @@ WEIGHTS = "trainable.safetensors"
 
 class FreezeMethod(Method):
     name = "freeze"
+    config = FreezeSection
+    init_values = {"train.lr": 1e-4}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:
+        return min(plan.trainable_layers, shape.layers) * shape.layer_params()
+
+    @staticmethod
+    def active_layers(shape, plan) -> int:
+        return min(plan.trainable_layers, shape.layers)
 
     def build(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)

@@ -7,12 +7,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tunesmith.config.schema import FullSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import LoadBase, Method
 
 
 class FullMethod(Method):
     name = "full"
+    config = FullSection
+    init_values = {"train.lr": 2e-5, "train.weight_decay": 0.01}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:
+        return shape.params
 
     def build(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(True)

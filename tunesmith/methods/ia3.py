@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from tunesmith.config.schema import Ia3Section
 from tunesmith.methods.peft_adapter import PeftAdapterMethod
 
 
 class Ia3Method(PeftAdapterMethod):
     name = "ia3"
+    config = Ia3Section
+    init_values = {"train.lr": 1e-3}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:  # a vector per key and value output, and one per MLP-down input
+        return shape.layers * (2 * shape.kv_heads * shape.head_dim + shape.intermediate)
 
     def peft_config(self, model: nn.Module):
         from peft import IA3Config

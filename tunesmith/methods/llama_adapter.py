@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from tunesmith.config.schema import AdapterSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods.peft_adapter import PeftAdapterMethod
 
@@ -21,7 +22,17 @@ def check_family(model_type: str | None, method: str = "adapter") -> None:
 
 class LlamaAdapterMethod(PeftAdapterMethod):
     name = "adapter"
+    config = AdapterSection
     mergeable = False
+    init_values = {"train.lr": 9e-3}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:  # the prompt vectors and a gate per adapted layer
+        return min(plan.adapter_layers, shape.layers) * (plan.adapter_len * shape.hidden + 1)
+
+    @staticmethod
+    def active_layers(shape, plan) -> int:
+        return min(plan.adapter_layers, shape.layers)
 
     def peft_config(self, model: nn.Module):
         from peft import AdaptionPromptConfig

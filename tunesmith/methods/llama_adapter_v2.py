@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from tunesmith.config.schema import AdapterV2Section
 from tunesmith.errors import ConfigError
 from tunesmith.methods.base import LoadBase
 from tunesmith.methods.llama_adapter import LlamaAdapterMethod
@@ -64,6 +65,19 @@ def extras(model: nn.Module) -> dict[str, nn.Parameter]:
 
 class LlamaAdapterV2Method(LlamaAdapterMethod):
     name = "adapter_v2"
+    config = AdapterV2Section
+    init_values = {"train.lr": 3e-3}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:
+        # the prompts, a scale and a bias per linear output, two norms a layer and the final one
+        prompts = LlamaAdapterMethod.trainable_count(shape, plan)
+        outputs = sum(n_out for _, n_out in shape.matrices().values())
+        return prompts + shape.layers * 2 * outputs + (2 * shape.layers + 1) * shape.hidden
+
+    @staticmethod
+    def active_layers(shape, plan) -> int:  # it trains scales and norms in every layer
+        return shape.layers
 
     def build(self, model: nn.Module) -> nn.Module:
         model = super().build(model)  # the prompts and gates train; everything else is frozen

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tunesmith.config.schema import LoraSection
 from tunesmith.methods.peft_adapter import PeftAdapterMethod, default_targets
 
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
@@ -35,6 +36,12 @@ def rewrites_base(model: nn.Module) -> bool:
 
 class LoraMethod(PeftAdapterMethod):
     name = "lora"
+    config = LoraSection
+    init_values = {"method.r": 16, "method.alpha": 32, "train.lr": 2e-4}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:
+        return shape.lora_params(plan.lora_r, plan.lora_targets)
 
     def peft_config(self, model: nn.Module):
         from peft import LoraConfig

@@ -9,6 +9,7 @@ import warnings
 
 import torch.nn as nn
 
+from tunesmith.config.schema import BoftSection, OftSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods.peft_adapter import PeftAdapterMethod, default_targets
 
@@ -34,6 +35,13 @@ def check_block_size(model: nn.Module, method: str, block: int, targets) -> None
 
 class OftMethod(PeftAdapterMethod):
     name = "oft"
+    config = OftSection
+    init_values = {"train.lr": 1e-4}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:  # a skew-symmetric block (its upper triangle) per block of inputs
+        b = plan.block_size
+        return shape.layers * sum(n_in // b * b * (b - 1) // 2 for n_in, _ in shape.matrices().values())
 
     def peft_config(self, model: nn.Module):
         from peft import OFTConfig
@@ -45,6 +53,13 @@ class OftMethod(PeftAdapterMethod):
 
 class BoftMethod(PeftAdapterMethod):
     name = "boft"
+    config = BoftSection
+    init_values = {"train.lr": 1e-4, "method.block_size": 8}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:
+        b = plan.block_size
+        return shape.layers * sum(n_in // b * b * b + n_out for n_in, n_out in shape.matrices().values())
 
     def peft_config(self, model: nn.Module):
         from peft import BOFTConfig

@@ -14,7 +14,6 @@ from tunesmith.methods.base import LoadBase, Method
 
 class PeftAdapterMethod(Method):
     saves_base_weights = False
-    mergeable = True
 
     @abstractmethod
     def peft_config(self, model: nn.Module):

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from tunesmith.config.schema import PrefixSection, PromptSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods.peft_adapter import PeftAdapterMethod
 
 
 class PromptTuningMethod(PeftAdapterMethod):
     name = "prompt"
+    config = PromptSection
     mergeable = False
     soft_prompt = True
+    init_values = {"train.lr": 3e-2}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:  # one embedding per virtual token
+        return plan.virtual_tokens * shape.hidden
 
     def peft_config(self, model: nn.Module):
         from peft import PromptTuningConfig, PromptTuningInit
@@ -35,8 +42,14 @@ class PromptTuningMethod(PeftAdapterMethod):
 
 class PrefixTuningMethod(PeftAdapterMethod):
     name = "prefix"
+    config = PrefixSection
     mergeable = False
     soft_prompt = True
+    init_values = {"train.lr": 1e-2}
+
+    @staticmethod
+    def trainable_count(shape, plan) -> int:  # a key and a value per virtual token in every layer
+        return plan.virtual_tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim
 
     def peft_config(self, model: nn.Module):
         from peft import PrefixTuningConfig

@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tunesmith.config.schema import QloraSection
 from tunesmith.errors import ConfigError
 from tunesmith.methods.lora import LoraMethod
 
 
 class QloraMethod(LoraMethod):
     name = "qlora"
+    config = QloraSection
+    packages = (("bitsandbytes", "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])"),)
     quantized = True
 
     def load_kwargs(self, device: torch.device) -> dict:

@@ -14,11 +14,12 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from tunesmith.methods import METHODS
+from tunesmith.optim.registry import OPTIMIZERS
+
 GiB = 2**30
-Method = Literal["full", "freeze", "lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt",
-                 "prefix"]
 # A frozen base with small trained add-ons (the methods whose saves_base_weights is False).
-ADAPTER_METHODS = ("lora", "qlora", "ia3", "oft", "boft", "adapter", "adapter_v2", "prompt", "prefix")
+ADAPTER_METHODS = tuple(name for name, method in METHODS.items() if not method.saves_base_weights)
 Precision = Literal["fp32", "bf16"]
 
 # Bytes autograd keeps per token and decoder layer: coefficients of (hidden, intermediate, query width,
@@ -171,7 +172,8 @@ class Plan:
     """One training configuration, as far as memory is concerned."""
 
     shape: ModelShape
-    method: Method = "lora"
+    method: str = "lora"
+    """A method.name (methods.METHODS)."""
     precision: Precision = "bf16"
     micro_batch: int = 4
     seq: int = 1024
@@ -281,30 +283,8 @@ def parse_size(text: str) -> float:
 
 
 def trainable_params(plan: Plan) -> int:
-    s = plan.shape
-    if plan.method == "full":
-        return s.params
-    if plan.method == "freeze":
-        return min(plan.trainable_layers, s.layers) * s.layer_params()
-    kv, h, i = s.kv_heads * s.head_dim, s.hidden, s.intermediate
-    if plan.method == "prompt":  # one embedding per virtual token
-        return plan.virtual_tokens * h
-    if plan.method == "prefix":  # a key and a value per virtual token in every layer
-        return plan.virtual_tokens * s.layers * 2 * kv
-    prompts = min(plan.adapter_layers, s.layers) * (plan.adapter_len * h + 1)
-    if plan.method == "adapter":  # the prompt vectors and a gate per adapted layer
-        return prompts
-    if plan.method == "ia3":  # a vector per key and value output, and one per MLP-down input
-        return s.layers * (2 * kv + i)
-    shapes = s.matrices().values()
-    if plan.method == "adapter_v2":  # the prompts, a scale and a bias per linear output, two norms a layer + final
-        return prompts + s.layers * 2 * sum(n_out for _, n_out in shapes) + (2 * s.layers + 1) * h
-    b = plan.block_size
-    if plan.method == "oft":  # a skew-symmetric block (its upper triangle) per block of inputs
-        return s.layers * sum(n_in // b * b * (b - 1) // 2 for n_in, _ in shapes)
-    if plan.method == "boft":
-        return s.layers * sum(n_in // b * b * b + n_out for n_in, n_out in shapes)
-    return s.lora_params(plan.lora_r, plan.lora_targets)
+    """The method's own formula (each entry of the methods registry carries one)."""
+    return METHODS[plan.method].trainable_count(plan.shape, plan)
 
 
 def layer_activation_bytes(plan: Plan) -> float:
@@ -323,8 +303,7 @@ def activation_bytes(plan: Plan, checkpointing: bool) -> float:
     layer = layer_activation_bytes(plan)
     # Frozen layers below the first trainable one need no backward pass, so they keep nothing (adapter_v2
     # trains scales and norms in every layer, so all layers keep theirs).
-    kept = (min(plan.trainable_layers, s.layers) if plan.method == "freeze" else
-            min(plan.adapter_layers, s.layers) if plan.method == "adapter" else s.layers)
+    kept = METHODS[plan.method].active_layers(s, plan)
     factor = WORKING_FACTOR[(plan.device, plan.adapter)]
     if checkpointing:  # each layer keeps only its input; one layer at a time is recomputed
         layers = tokens * (kept * CHECKPOINT_BYTES_PER_HIDDEN[plan.device] * s.hidden + factor * layer)
@@ -403,43 +382,9 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
     return estimate
 
 
-def adam_state_bytes(values: float, eight_bit: bool) -> float:
-    """AdamW's two moments for a tensor of `values`: 8-bit ones keep an fp32 scale per block of 256, and
-    tensors under 4,096 values stay fp32 (bitsandbytes' rule)."""
-    return values * (2 + 8 / 256 if eight_bit and values >= 4096 else 8.0)
-
-
 def optimizer_memory(plan: Plan, trainable: int) -> tuple[float, float, str]:
-    """(gradient bytes, optimizer-state bytes, what the states are) for train.optimizer."""
-    s, opt = plan.shape, plan.optimizer
-    if opt == "badam":  # one decoder layer trains at a time; the rest of the model is frozen meanwhile
-        layer = s.layer_params()
-        return layer * 4.0, layer * 8.0, "BAdam: AdamW's two fp32 moments for the active layer only"
-    layers = {"full": s.layers, "freeze": min(plan.trainable_layers, s.layers)}.get(plan.method, 0)
-    norms = 2 * layers * s.hidden + (s.hidden if plan.method == "full" else 0)  # vectors: always fp32 moments
-    eight_bit = opt in ("adamw_8bit", "paged_adamw_8bit", "galore_8bit")
-    if opt.startswith("galore") and layers:
-        r = plan.galore_rank
-        # Each layer matrix keeps its moments at rank r along its longer side, plus the r × shorter projection.
-        mats = [(min(r, n_in, n_out), min(n_in, n_out), max(n_in, n_out)) for n_in, n_out in s.matrices().values()]
-        projections = sum(rank * short for rank, short, _ in mats) * layers * 4.0
-        rest = trainable - layers * sum(short * long for _, short, long in mats) - norms  # embeddings, head
-        if opt == "galore_adafactor":  # row and column averages of each matrix, full averages of vectors
-            factored = sum(rank + long for rank, _, long in mats) * layers
-            embeddings = (s.vocab + s.hidden) * (1 if s.tied else 2) if rest else 0
-            states = (factored + embeddings + norms) * 4.0
-        else:
-            states = (sum(adam_state_bytes(rank * long, eight_bit) for rank, _, long in mats) * layers
-                      + adam_state_bytes(rest, eight_bit) + norms * 8.0)
-        return (trainable * 4.0, states + projections,
-                f"GaLore: moments at rank {r} for the layer matrices, full for the rest")
-    if eight_bit:
-        return (trainable * 4.0, adam_state_bytes(trainable - norms, True) + norms * 8.0,
-                "8-bit AdamW: two 8-bit moments per trainable parameter" + (" (pageable)" if "paged" in opt else ""))
-    per, note = {"sgd": (4.0, "SGD: one fp32 momentum per trainable parameter"),
-                 "adafactor": (0.1, "Adafactor: row and column averages (at most about 0.1 byte per parameter)")
-                 }.get(opt, (8.0, "AdamW: two fp32 moments per trainable parameter"))
-    return trainable * 4.0, trainable * per, note
+    """(gradient bytes, optimizer-state bytes, what the states are): the optimizer's own formula."""
+    return OPTIMIZERS[plan.optimizer].memory(plan, trainable)
 
 
 def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:

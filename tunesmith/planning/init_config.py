@@ -13,34 +13,21 @@ import yaml
 
 from tunesmith.config.schema import config_from_dict
 from tunesmith.config.explain import config_fields, one_line, texts
+from tunesmith.methods import METHODS
+from tunesmith.optim.registry import OPTIMIZERS
+from tunesmith.stages import STAGES
 
-# Starting points that differ by method; everything else is the config's own default.
-METHOD_STARTS: dict[str, dict[str, Any]] = {
-    "lora": {"method.r": 16, "method.alpha": 32, "train.lr": 2e-4},
-    "full": {"train.lr": 2e-5, "train.weight_decay": 0.01},
-    "freeze": {"train.lr": 1e-4},
-    "qlora": {"method.r": 16, "method.alpha": 32, "train.lr": 2e-4},
-    "ia3": {"train.lr": 1e-3},
-    "oft": {"train.lr": 1e-4},
-    "boft": {"train.lr": 1e-4, "method.block_size": 8},
-    "adapter": {"train.lr": 9e-3},
-    "adapter_v2": {"train.lr": 3e-3},
-    "prompt": {"train.lr": 3e-2},
-    "prefix": {"train.lr": 1e-2},
-}
-LORA = {"lora", "qlora"}
-QLORA = {"qlora"}
-# Keys that only mean something for some methods.
-ONLY_FOR = {"method.r": LORA, "method.alpha": LORA, "method.dropout": {"lora", "qlora", "oft", "boft"},
-            "method.target_modules": {"lora", "qlora", "ia3", "oft", "boft"}, "method.bits": QLORA,
-            "method.quant_type": QLORA, "method.double_quant": QLORA, "method.compute_dtype": QLORA,
-            "method.use_dora": LORA,
-            "method.use_rslora": LORA, "method.init": LORA, "method.lora_plus_ratio": LORA,
-            "method.modules_to_save": LORA, "method.block_size": {"oft", "boft"},
-            "method.trainable_layers": {"freeze"}, "method.trainable_modules": {"freeze"},
-            "method.trainable_regex": {"freeze"}, "method.adapter_layers": {"adapter", "adapter_v2"},
-            "method.adapter_len": {"adapter", "adapter_v2"}, "method.num_virtual_tokens": {"prompt", "prefix"},
-            "method.prompt_init_text": {"prompt"}}
+# Written for every config; beyond these, the method, optimizer and stage entries add their own keys and values.
+COMMON = {"train.warmup_steps": 10, "eval.interval": 50, "checkpoint.interval": 100}
+
+
+def _belongs(path: str, method, optimizer) -> bool:
+    """Keys of one method or one optimizer appear only in configs that use it."""
+    head, key = path.split(".", 1)
+    if head == "method" and key != "name":
+        return key in method.fields()
+    owners = [o for o in OPTIMIZERS.values() if key in o.settings] if head == "train" else []
+    return not owners or optimizer in owners
 
 
 def _scalar(value: Any) -> str:
@@ -52,19 +39,24 @@ def _comment(text: str, indent: str) -> list[str]:
                          subsequent_indent=f"{indent}# ")
 
 
-def init_config(model: str, method: str, train_file: str, output_dir: str = "runs/my-run") -> str:
-    if method not in METHOD_STARTS:
-        raise ValueError(f"method must be one of {', '.join(METHOD_STARTS)}")
+def init_config(model: str, method: str, train_file: str, output_dir: str = "runs/my-run", optimizer: str = "adamw",
+                stage: str = "sft") -> str:
+    for what, name, registry in (("method", method, METHODS), ("optimizer", optimizer, OPTIMIZERS),
+                                 ("stage", stage, STAGES)):
+        if name not in registry:
+            raise ValueError(f"{what} must be one of {', '.join(registry)}")
+    entry, opt = METHODS[method], OPTIMIZERS[optimizer]
     values = {path: info.default for path, info in config_fields().items()}
     values.update({"model.name_or_path": model, "method.name": method, "data.train_file": train_file,
-                   "train.warmup_steps": 10, "eval.interval": 50, "checkpoint.interval": 100,
-                   "output.dir": output_dir, **METHOD_STARTS[method]})
-    lines = [f"# tunesmith config: {model}, method {method}.",
+                   "train.optimizer": optimizer, "stage.name": stage, "output.dir": output_dir, **COMMON,
+                   **entry.init_values, **STAGES[stage].init_values})
+    lines = [f"# tunesmith config: {model}, method {method}" + (f", stage {stage}" if stage != "sft" else "")
+             + (f", optimizer {optimizer}" if optimizer != "adamw" else "") + ".",
              "# Each key's meaning is above it; `tunesmith explain KEY` says more (typical values, what goes",
              "# wrong when it is too high or too low)."]
     section = None
     for path, value in values.items():
-        if method not in ONLY_FOR.get(path, {method}):
+        if not _belongs(path, entry, opt):
             continue
         head, key = path.split(".", 1)
         if head != section:

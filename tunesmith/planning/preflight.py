@@ -15,7 +15,9 @@ from tunesmith.config.schema import Config
 from tunesmith.data.pipeline import DataReport
 from tunesmith.planning.doctor import Finding
 from tunesmith.planning.speed import duration
-from tunesmith.planning.estimate import (ADAPTER_METHODS, CUDA_RUNTIME, ModelShape, Plan, estimate_memory, gib,
+from tunesmith.methods import METHODS
+from tunesmith.optim.registry import OPTIMIZERS
+from tunesmith.planning.estimate import (CUDA_RUNTIME, ModelShape, Plan, estimate_memory, gib,
                                          parse_size, shape_from_model, shape_from_params, trainable_params)
 
 CHECKPOINT_WRITE_BYTES_PER_S = 0.5e9  # a local SSD, with safetensors and the optimizer state
@@ -60,6 +62,12 @@ def this_machine(wanted_device: str = "auto", wanted_precision: str = "auto") ->
     return Machine(device.type, device_name(device), precision, memory, bf16_supported(device), has_cpp_compiler())
 
 
+# The Plan's name for each method key (a method's section has only its own keys; the Plan's defaults stand in).
+PLAN_KEYS = {"lora_r": "r", "bits": "bits", "lora_targets": "target_modules", "trainable_layers": "trainable_layers",
+             "block_size": "block_size", "adapter_layers": "adapter_layers", "adapter_len": "adapter_len",
+             "virtual_tokens": "num_virtual_tokens"}
+
+
 def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataReport | None = None) -> Plan:
     """The memory plan of a config; with a data report, at the longest real row and the real labelled share."""
     seq, share = cfg.data.max_seq_length, 1.0
@@ -71,10 +79,8 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
                 micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq,
                 device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                lora_r=cfg.method.r, bits=cfg.method.bits, lora_targets=cfg.method.target_modules,
-                trainable_layers=cfg.method.trainable_layers, block_size=cfg.method.block_size,
-                adapter_layers=cfg.method.adapter_layers, adapter_len=cfg.method.adapter_len,
-                virtual_tokens=cfg.method.num_virtual_tokens,
+                **{plan_key: getattr(cfg.method, key) for plan_key, key in PLAN_KEYS.items()
+                   if hasattr(cfg.method, key)},
                 bf16_frozen_weights=cfg.train.bf16_frozen_weights, optimizer=cfg.train.optimizer,
                 galore_rank=cfg.train.galore_rank,
                 labelled_share=share)
@@ -210,7 +216,7 @@ def ranges(cfg: Config) -> list[Finding]:
     for path, entry in texts()["fields"].items():
         bounds = (entry.get("range") or {}).get(method)
         section, key = path.split(".")
-        value = getattr(getattr(cfg, section), key)
+        value = getattr(getattr(cfg, section), key, None)  # a method key of another method: absent
         if bounds is None or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
         low, high = bounds
@@ -307,6 +313,16 @@ def block_turns(cfg: Config, steps: int, shape: ModelShape | None) -> list[Findi
                     "more steps")]
 
 
+def packages(cfg: Config) -> list[Finding]:
+    """The optional packages the method and optimizer need (the config parses without them)."""
+    import importlib.util
+
+    wanted = [(f"method {cfg.method.name}", *p) for p in METHODS[cfg.method.name].packages]
+    wanted += [(f"train.optimizer {cfg.train.optimizer}", *p) for p in OPTIMIZERS[cfg.train.optimizer].packages]
+    return [Finding("error", "packages", f"{who} needs {name}, which is not installed", install)
+            for who, name, install in wanted if importlib.util.find_spec(name) is None]
+
+
 def device_support(cfg: Config, machine: Machine) -> list[Finding]:
     out = []
     tc = cfg.train
@@ -371,7 +387,7 @@ def check_config(cfg: Config, report: DataReport, shape: ModelShape | None, mach
     steps = total_steps(cfg, n_train)
     plan = plan_for(cfg, shape, machine, report) if shape else None
     trainable = trainable_params(plan) if plan else 0
-    return [*method_fits_model(cfg, shape), *steps_and_batch(cfg, n_train), *run_time(steps, report, cfg, speed),
+    return [*packages(cfg), *method_fits_model(cfg, shape), *steps_and_batch(cfg, n_train), *run_time(steps, report, cfg, speed),
             *overfitting(cfg, n_train, steps),
             *intervals(cfg, steps, report, speed, trainable), *ranges(cfg),
             *lengths(cfg, report, shape), *splits(cfg, report), *block_turns(cfg, steps, shape),
@@ -439,15 +455,14 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
 
     if (model is None) == (params is None):
         raise ConfigError("give either --model NAME_OR_PATH or --params COUNT (e.g. --params 7e9)")
-    if method not in ("full", "freeze", *ADAPTER_METHODS):
-        raise ConfigError(f"--method {method!r}: one of full, freeze, {', '.join(ADAPTER_METHODS)}")
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: one of {', '.join(METHODS)}")
     if precision not in ("bf16", "fp32"):
         raise ConfigError(f"--precision {precision!r}: bf16 or fp32")
-    from tunesmith.config.schema import TrainConfig, optimizer_method_problem
+    from tunesmith.config.schema import optimizer_method_problem
 
-    optimizers = TrainConfig.model_fields["optimizer"].annotation.__args__
-    if optimizer not in optimizers:
-        raise ConfigError(f"--optimizer {optimizer!r}: one of {', '.join(optimizers)}")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {optimizer!r}: one of {', '.join(OPTIMIZERS)}")
     if optimizer_method_problem(optimizer, method):
         raise ConfigError(optimizer_method_problem(optimizer, method))
     if device not in ("auto", "cpu", "cuda"):

@@ -332,6 +332,7 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
     return {
         "model.name_or_path": cfg.model.name_or_path,
         "method": cfg.method.model_dump(mode="json"),
+        "stage.name": cfg.stage.name,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.optimizer": cfg.train.optimizer,
@@ -355,7 +356,11 @@ def optimizer_settings(tc) -> dict[str, Any]:
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], force: bool) -> list[str]:
     """The fields that changed; an error unless `force`, in which case they are returned as warnings."""
-    saved = {"train.optimizer": "adamw", **saved}  # checkpoints from before the optimizer was a choice
+    # Checkpoints from before the optimizer and the stage were choices trained with adamw, as sft.
+    saved = {"train.optimizer": "adamw", "stage.name": "sft", **saved}
+    if isinstance(saved.get("method"), dict) and isinstance(current.get("method"), dict):
+        # Before each method had a section of its own, every method's keys were saved: compare this method's.
+        saved["method"] = {key: saved["method"].get(key) for key in current["method"]}
     changed = [f"{key}: was {saved.get(key)!r}, now {current.get(key)!r}"
                for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if changed and not force:

@@ -15,27 +15,43 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from tunesmith.config.explain import choice
 from tunesmith.config.schema import Config, StageConfig
+from tunesmith.data.formats import FORMATS
 
 
 class Stage(ABC):
     name: str
-    label: str
-    """A few words for tables and `tunesmith explain` (the long text lives in explanations.yaml)."""
-    data_formats: tuple[str, ...] | None = None
-    """The row formats it trains on (None: every format the data layer reads)."""
     needs_reference: bool = False
     """True for stages that score batches with a frozen copy of the starting model too (DPO, KTO)."""
     can_pack: bool = True
     """Whether micro-batches may be packed (rows end to end): only where rows are scored independently."""
+    init_values: dict[str, Any] = {}
+    """Values `tunesmith init` writes for it beyond stage.name."""
+
+    @classmethod
+    def explanation(cls) -> dict[str, str]:
+        """Its label and meaning (explanations.yaml, choices.stage.name)."""
+        return choice("stage.name", cls.name)
+
+    @staticmethod
+    def extra_memory(plan) -> list[tuple[str, float, str]]:
+        """(part, bytes, what it is) that this stage adds to `tunesmith estimate`'s plan: a reference model,
+        generations, a value head. `plan` is a planning.estimate.Plan (duck-typed)."""
+        return []
 
     def __init__(self, cfg: StageConfig, run: Config):
         self.cfg, self.run = cfg, run
 
+    @classmethod
+    def data_formats(cls) -> list[str]:
+        """The row formats it trains on: each data format says which stages its rows can train."""
+        return [name for name, fmt in FORMATS.items() if cls.name in fmt.stages]
+
     def check_data(self, data_format: str, source: str) -> str | None:
         """Why the prepared data cannot train this stage, or None."""
-        if self.data_formats is not None and data_format not in self.data_formats:
-            return (f"stage {self.name} trains on {' or '.join(self.data_formats)} rows, and {source} holds "
+        if data_format not in self.data_formats():
+            return (f"stage {self.name} trains on {' or '.join(self.data_formats())} rows, and {source} holds "
                     f"{data_format} rows; set data.format, or pick the stage for this data (stage.name)")
         return None
 

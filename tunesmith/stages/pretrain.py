@@ -8,5 +8,4 @@ from tunesmith.stages.sft import SftStage
 
 class PretrainStage(SftStage):
     name = "pretrain"
-    label = "continued pre-training on raw text"
-    data_formats = ("text",)
+    init_values = {"data.format": "text"}

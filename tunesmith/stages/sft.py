@@ -14,7 +14,6 @@ from tunesmith.stages.tokens import mean_loss, token_loss_sum
 
 class SftStage(Stage):
     name = "sft"
-    label = "supervised fine-tuning"
 
     def count(self, rows: Sequence[Tokenized]) -> int:
         return sum(r.n_targets for r in rows)

@@ -50,10 +50,10 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     try:
         with StopOnSignal(request, events.note):
             run_steps(session, events, lambda step: request() or wanted() or step == stop_at_step, request)
+        train_time = round(time.perf_counter() - started, 1)  # the steps, not the writes below
         # ---- outputs: final weights/adapter, loss curve, status
         session.finish()
         plot_losses(session.run.metrics, session.run.loss_plot)
-        train_time = round(time.perf_counter() - started, 1)
         session.run.update_info(status="complete", steps=session.steps, skipped_steps=session.skipped,
                                 train_time_s=train_time, device=session.device.type, precision=session.precision)
         events.emit(ev.Done(session.run.path, session.steps, session.skipped, train_time))

@@ -19,7 +19,7 @@ from tunesmith.config.schema import Config
 from tunesmith.data.batching import RowStream
 from tunesmith.data.pipeline import PreparedData, load_data_and_tokenizer
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import Method, describe_counts, get_method, parameter_counts
+from tunesmith.methods import METHODS, Method, describe_counts, get_method, parameter_counts
 from tunesmith.models.attention import use_packed_attention
 from tunesmith.models.device import pick_device, pick_precision
 from tunesmith.models.layers import causal_lm
@@ -195,6 +195,8 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
     problem = stage.check_data(data.format, cfg.data.train_file)
     if problem:
         raise TunesmithError(problem)
+    if stage.name not in METHODS[cfg.method.name].stages:
+        raise TunesmithError(f"method {cfg.method.name} does not support stage {stage.name}")
     if checks != "off":
         check_before_training(cfg, data.report, log, checks)
     run = open_run_dir(cfg, resume)

@@ -1,0 +1,79 @@
+"""Export a run, one registry entry per `--format`: merged safetensors weights (plain transformers loads them)
+or a PEFT adapter. Each entry says which methods it can export and writes into a staging directory that
+becomes `--out` only once complete."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tunesmith.config.explain import choice
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.inference.loading import Loaded, load_for_inference
+from tunesmith.run.run_dir import is_run_dir
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    write: Callable[[Loaded, Path], None]
+    refuses: Callable[[object], str | None]
+    """Why this format cannot export a run of the given method (a Method), or None."""
+
+    def explanation(self) -> dict[str, str]:
+        return choice("export.format", self.name)
+
+
+def _write_merged(loaded: Loaded, staging: Path) -> None:
+    merged = loaded.method.merge(loaded.model)
+    # The run's EOS and pad must travel with the weights, so plain `generate` stops where ours does.
+    merged.generation_config.eos_token_id = loaded.tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
+    merged.save_pretrained(staging)
+
+
+def _write_adapter(loaded: Loaded, staging: Path) -> None:
+    loaded.method.save(loaded.model, staging)
+
+
+def _cannot_merge(method) -> str | None:
+    if not method.mergeable:
+        return f"method {method.name} cannot be merged into the weights; export it with --format adapter"
+    return None
+
+
+def _no_adapter(method) -> str | None:
+    if method.saves_base_weights:  # full and freeze change the weights themselves
+        return f"this run used method '{method.name}', which has no adapter; use --format merged"
+    return None
+
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat("merged", _write_merged, _cannot_merge),
+    ExportFormat("adapter", _write_adapter, _no_adapter),
+)}
+
+
+def export_run(run: str | Path, fmt: str, out: str | Path, checkpoint: str | None = None) -> str:
+    run, out = Path(run), Path(out)
+    if fmt not in FORMATS:
+        raise TunesmithError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if not is_run_dir(run):
+        raise TunesmithError(f"{run} is not a run directory (no run.json/config.yaml)")
+    if out.exists() and any(out.iterdir()):
+        raise TunesmithError(f"{out} exists and is not empty; choose a new --out directory")
+    loaded = load_for_inference(run, checkpoint)
+    assert loaded.method is not None
+    why = FORMATS[fmt].refuses(loaded.method)
+    if why:
+        raise ConfigError(why)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    FORMATS[fmt].write(loaded, staging)
+    loaded.tokenizer.save_pretrained(staging)  # with the chat template used in training
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    return f"wrote {fmt} export to {out}"
