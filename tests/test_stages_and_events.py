@@ -4,6 +4,7 @@ requested by a caller rather than a signal."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -135,3 +136,90 @@ def test_a_failed_run_emits_an_error_event(make_config, monkeypatch):
     with pytest.raises(RuntimeError, match="the loss broke"):
         train(make_config(), log=quiet, on_event=seen.append)
     assert isinstance(seen[-1], ev.Error) and "the loss broke" in str(seen[-1].error)
+
+
+# --------------------------------------------------------------------------------------------- the SFT loss
+# Fast tests (no training) that `tools/mutation.py loss` runs against stages/tokens.py and stages/sft.py.
+
+
+def _rows(n: int = 6):
+    from test_training import EIGHT_SHAPES, rows_of_different_lengths
+
+    return rows_of_different_lengths(300, EIGHT_SHAPES)[:n]
+
+
+def _stage(**train):
+    from tunesmith.config.schema import config_from_dict
+    from tunesmith.stages import get_stage
+
+    return get_stage(config_from_dict({"data": {"train_file": "rows.jsonl"}, "train": train}))
+
+
+def test_the_stage_batches_are_the_loops_micro_batches_padded_or_packed():
+    from tunesmith.data.batching import micro_batches
+
+    rows = _rows()
+    for packed in (False, True):
+        got, want = _stage().batches(rows, 4, 2, packed), micro_batches(rows, 4, 2, packed)
+        assert len(got) == len(want) == 2
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert ("position_ids" in got[0]) == packed
+
+
+def test_step_metrics_count_all_tokens_and_the_trained_ones():
+    rows = _rows()
+    assert _stage().step_metrics(rows) == {"tokens": sum(len(r.input_ids) for r in rows),
+                                           "trained_tokens": sum(sum(1 for x in r.labels[1:] if x != -100)
+                                                                 for r in rows)}
+
+
+def test_evaluation_runs_in_the_runs_precision_and_caps_perplexity(monkeypatch):
+    from conftest import build_tiny_model
+    from tunesmith.stages import sft
+    from tunesmith.stages.tokens import mean_loss
+
+    model, rows = build_tiny_model(vocab_size=300), _rows()
+    got = _stage().evaluate(model, rows, 4, 2, "bf16", None)["val_loss"]
+    assert got == mean_loss(model, rows, 4, 2, "bf16")[0] != mean_loss(model, rows, 4, 2, "fp32")[0]
+    monkeypatch.setattr(sft, "mean_loss", lambda *a: (60.5, 10))
+    assert _stage().evaluate(model, rows, 4, 2, "fp32", None)["val_perplexity"] == math.exp(50)
+
+
+def test_a_soft_capped_model_is_scored_with_its_capping():
+    """Gemma-2 caps its logits (tanh) in its own forward: the loss must go through it even with
+    logits_at_labels_only, and equal transformers' own loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tunesmith.stages.tokens import token_loss_sum
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=0.5, initializer_range=0.5))
+    rows = _rows(1)
+    batch = _stage().batches(rows, 1, 2, False)[0]
+    summed, n = token_loss_sum(model, batch, labels_only=True)
+    want = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert n == rows[0].n_targets and float(summed / n) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_soft_prompt_positions_are_not_scored(kind):
+    """Through peft's forward (which puts the soft prompt first), the summed loss over the row's own labels is
+    peft's mean loss times the label count: the virtual positions are skipped, not scored."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from conftest import build_tiny_model
+    from tunesmith.stages.tokens import token_loss_sum, virtual_tokens
+
+    base = build_tiny_model(vocab_size=300)
+    config = (PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM") if kind == "prompt"
+              else PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    model = get_peft_model(base, config)
+    assert virtual_tokens(model) == (4 if kind == "prompt" else 0) and virtual_tokens(base) is None
+    rows = _rows(1)
+    batch = _stage().batches(rows, 1, 2, False)[0]
+    summed, n = token_loss_sum(model, batch)
+    want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert n == rows[0].n_targets and float(summed / n) == pytest.approx(float(want), rel=1e-5)

@@ -87,6 +87,33 @@ def test_grad_accumulation_matches_one_big_batch(labels_only):
     assert diff > 0.05 * sum(float(g.norm()) for g in want_grads.values())
 
 
+@pytest.mark.parametrize("batch_size, max_batches", [(8, None), (3, None), (3, 2)])
+def test_eval_loss_is_the_token_weighted_mean_of_transformers_losses(batch_size, max_batches):
+    """The SFT stage's evaluation: each row's loss from transformers itself (its shift, its mean over the row's
+    labels), weighted by the row's label count, over the rows the batches cover; perplexity is e to that."""
+    import math
+
+    from tunesmith.config.schema import config_from_dict
+    from tunesmith.stages import get_stage
+
+    model = build_tiny_model(vocab_size=300)
+    rows = rows_of_different_lengths(300, EIGHT_SHAPES)
+    covered = rows if max_batches is None else rows[: batch_size * max_batches]
+    counts = [sum(1 for x in r.labels[1:] if x != IGNORE) for r in covered]
+    with torch.no_grad():
+        means = [float(model(input_ids=torch.tensor([r.input_ids]), labels=torch.tensor([r.labels])).loss)
+                 for r in covered]
+    want = sum(m * n for m, n in zip(means, counts)) / sum(counts)
+    model.train()
+    stage = get_stage(config_from_dict({"data": {"train_file": "rows.jsonl"}}))
+    got = stage.evaluate(model, rows, batch_size, pad_id=2, precision="fp32", max_batches=max_batches)
+    assert got["val_loss"] == pytest.approx(want, rel=1e-5)
+    assert got["val_perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+    assert model.training  # evaluation puts the model back in train mode
+    unweighted = sum(means) / len(means)
+    assert abs(unweighted - want) > 1e-3 * want  # the rows differ enough that the weighting shows
+
+
 def test_row_stream_is_seeded_covers_each_epoch_and_resumes_from_its_position():
     def take(seed: int, n: int, position: int = 0) -> list[int]:
         return RowStream(10, seed, position).take(n)
