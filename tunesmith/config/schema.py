@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
 
@@ -218,12 +218,13 @@ def method_section(raw: Any) -> Any:
     return {"name": name, **kept}
 
 
+_METHOD_SECTION = TypeAdapter(MethodSection)  # built once: a TypeAdapter compiles its validator
+
+
 def MethodConfig(**fields: Any) -> Section:  # noqa: N802  (reads like the class it was in 0.1)
     """The section model of `fields["name"]` (lora by default), built from keyword arguments."""
-    from pydantic import TypeAdapter
-
     try:
-        return TypeAdapter(MethodSection).validate_python(method_section({"name": "lora", **fields}))
+        return _METHOD_SECTION.validate_python(method_section({"name": "lora", **fields}))
     except ValidationError as exc:
         raise _explain(exc, "method") from None
 
