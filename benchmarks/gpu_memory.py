@@ -31,8 +31,8 @@ CASES = {
     "qlora r 16, 4-bit NF4 base": ["--method.name=qlora", "--method.bits=4"],
     "qlora r 16, 8-bit base": ["--method.name=qlora", "--method.bits=8"],
     "full, bf16 autocast": ["--method.name=full", "--train.lr=2e-5"],
-    "full, GaLore rank 128": ["--method.name=full", "--train.optimizer=galore", "--train.lr=1e-4"],
-    "full, BAdam": ["--method.name=full", "--train.optimizer=badam", "--train.lr=2e-5"],
+    "full, GaLore rank 128": ["--method.name=full", "--optimizer.name=galore", "--train.lr=1e-4"],
+    "full, BAdam": ["--method.name=full", "--optimizer.name=badam", "--train.lr=2e-5"],
     "adapter_v2, 8 layers × 10": ["--method.name=adapter_v2", "--train.lr=3e-3"],
 }
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tunesmith.config.schema import MethodConfig, TrainConfig
+from tunesmith.config.schema import MethodConfig, OptimizerConfig, TrainConfig
 from tunesmith.planning.estimate import (GiB, HEAD_SAVED, Plan, estimate_memory, layer_activation_bytes, parse_size,
                                 shape_from_model, shape_from_params, trainable_params)
 
@@ -229,8 +229,8 @@ def test_optimizer_state_bytes_are_what_the_optimizer_keeps(optimizer):
                   head_dim=32)
     shape = ModelShape("probe", params=sum(p.numel() for p in model.parameters()), layers=2, hidden=128,
                        intermediate=256, heads=4, kv_heads=2, head_dim=32, vocab=512, tied=True)
-    cfg = TrainConfig(optimizer=optimizer, galore_rank=16)
-    opt = build_optimizer(list(model.named_parameters()), cfg, model=model, log=lambda *_: None)
+    opt = build_optimizer(list(model.named_parameters()), TrainConfig(), model=model, log=lambda *_: None,
+                          optimizer=OptimizerConfig(name=optimizer, **({"rank": 16} if "galore" in optimizer else {})))
     if optimizer == "badam":
         opt.begin_step(1)
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -258,7 +258,7 @@ def test_estimate_refuses_an_optimizer_the_method_cannot_use():
     from tunesmith.errors import ConfigError
     from tunesmith.planning.preflight import estimate_command
 
-    with pytest.raises(ConfigError, match="train.optimizer badam works on the model's own weights"):
+    with pytest.raises(ConfigError, match="optimizer.name badam works on the model's own weights"):
         estimate_command(model=None, params=7e9, method="lora", precision="bf16", micro_batch=1, seq=512,
                          device_memory="24GB", device="cuda", gradient_checkpointing=False, lora_r=8,
                          trainable_layers=2, tokens=None, layers=None, hidden=None, intermediate=None, vocab=None,

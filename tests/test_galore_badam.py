@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_model
 from test_faults import RESUMABLE, assert_same_run, final_weights, losses, quiet, val_losses
-from tunesmith.config.schema import TrainConfig
+from tunesmith.config.schema import OptimizerConfig, TrainConfig
 from tunesmith.errors import ConfigError, TrainingStopped, TunesmithError
 from tunesmith.optim.block_coordinate import BlockAdamW, active_block, block_order
 from tunesmith.run.checkpoint import _optimizer_from_files, _optimizer_to_files, fingerprint
@@ -64,10 +64,10 @@ def test_galore_projects_the_layer_matrices_only(optimizer):
     model = tiny_llama()
     named = list(model.named_parameters())
     names = {id(p): n for n, p in named}
-    cfg = TrainConfig(optimizer=optimizer, lr=1e-2, weight_decay=0.1, galore_rank=4, galore_update_interval=3,
-                      galore_scale=0.5, galore_proj_type="std")
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    opt = OptimizerConfig(name=optimizer, rank=4, update_interval=3, scale=0.5, proj_type="std")
     notes = []
-    grouped = build_optimizer(named, cfg, model=model, log=notes.append).param_groups
+    grouped = build_optimizer(named, cfg, model=model, log=notes.append, optimizer=opt).param_groups
     projected = {names[id(p)] for g in grouped if "rank" in g for p in g["params"]}
     assert projected == LAYER_MATRICES
     assert all((g["rank"], g["update_proj_gap"], g["scale"], g["proj_type"]) == (4, 3, 0.5, "std")
@@ -77,7 +77,7 @@ def test_galore_projects_the_layer_matrices_only(optimizer):
     assert any("14 weight matrices get rank-4 moments" in n for n in notes)
 
     cfg.weight_decay = 0.0  # so the change of a weight is the projected update alone
-    optimizer_ = build_optimizer(named, cfg, model=model, log=quiet)
+    optimizer_ = build_optimizer(named, cfg, model=model, log=quiet, optimizer=opt)
     before = {n: p.detach().clone() for n, p in named}
     backward(model, seed=0)
     optimizer_.step()
@@ -98,7 +98,8 @@ def test_galore_projects_the_layer_matrices_only(optimizer):
 def test_galore_8bit_keeps_8bit_low_rank_moments():
     model = tiny_llama(layers=1, hidden=128, intermediate=256)  # gate_proj 256 × 128: rank 32 → 256 × 32 moments
     named = list(model.named_parameters())
-    optimizer = build_optimizer(named, TrainConfig(optimizer="galore_8bit", galore_rank=32), model=model, log=quiet)
+    optimizer = build_optimizer(named, TrainConfig(), model=model, log=quiet,
+                                optimizer=OptimizerConfig(name="galore_8bit", rank=32))
     backward(model, seed=0)
     optimizer.step()
     state = optimizer.state[model.model.layers[0].mlp.gate_proj.weight]
@@ -141,10 +142,10 @@ def test_galore_8bit_steps_like_galore_torch_adamw():
 def test_galore_state_survives_the_checkpoint_files(tmp_path, optimizer, proj_type):
     """The projector goes to safetensors (its basis) and JSON (its settings) and comes back as a projector, so
     a restored optimizer takes the same steps as the original, through a projection update."""
-    cfg = TrainConfig(optimizer=optimizer, lr=1e-2, galore_rank=4, galore_update_interval=2,
-                      galore_proj_type=proj_type)
+    cfg = TrainConfig(lr=1e-2)
+    opt = OptimizerConfig(name=optimizer, rank=4, update_interval=2, proj_type=proj_type)
     model = tiny_llama()
-    original = build_optimizer(list(model.named_parameters()), cfg, model=model, log=quiet)
+    original = build_optimizer(list(model.named_parameters()), cfg, model=model, log=quiet, optimizer=opt)
     for step in range(3):
         backward(model, seed=step)
         original.step()
@@ -155,13 +156,13 @@ def test_galore_state_survives_the_checkpoint_files(tmp_path, optimizer, proj_ty
     assert any(key.endswith(".projector.ortho_matrix" + (".1" if proj_type == "full" else "")) for key in tensors)
 
     twin = copy.deepcopy(model)
-    restored = build_optimizer(list(twin.named_parameters()), cfg, model=twin, log=quiet)
+    restored = build_optimizer(list(twin.named_parameters()), cfg, model=twin, log=quiet, optimizer=opt)
     restored.load_state_dict(_optimizer_from_files(load_file(str(tmp_path / "optimizer.safetensors")),
                                                    json.loads((tmp_path / "optimizer.json").read_text()),
                                                    restored.projector_from_state))
     projector = restored.state[twin.model.layers[0].mlp.down_proj.weight]["projector"]
     assert type(projector).__name__ == "CompactProjector" and projector.proj_type == proj_type
-    assert (projector.rank, projector.update_proj_gap, projector.scale) == (4, 2, cfg.galore_scale)
+    assert (projector.rank, projector.update_proj_gap, projector.scale) == (4, 2, opt.scale)
     assert isinstance(projector.ortho_matrix, list) == (proj_type == "full")
     for step in range(3, 6):
         for m, optimizer_ in ((model, original), (twin, restored)):
@@ -207,10 +208,10 @@ def test_badam_block_order():
 def test_badam_trains_one_block_at_a_time():
     model = tiny_llama(layers=3)
     named = list(model.named_parameters())
-    cfg = TrainConfig(optimizer="badam", badam_switch_every=2, badam_order="descending", lr=1e-2, weight_decay=0.1,
-                      warmup_steps=2)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, warmup_steps=2)
     notes = []
-    optimizer = build_optimizer(named, cfg, model=model, log=notes.append)
+    optimizer = build_optimizer(named, cfg, model=model, log=notes.append,
+                                optimizer=OptimizerConfig(name="badam", switch_every=2, order="descending"))
     scheduler = build_scheduler(optimizer, 12, cfg)
     assert isinstance(optimizer, BlockAdamW) and len(optimizer.param_groups) == 2
     assert any("frozen" in n and "model.embed_tokens.weight" in n for n in notes)
@@ -272,7 +273,7 @@ def test_badam_resumes_exactly_at_and_across_a_block_switch(make_config, tmp_pat
 
 @pytest.mark.parametrize("optimizer", GALORE + ["badam"])
 def test_galore_and_badam_need_full_or_freeze(make_config, optimizer):
-    with pytest.raises(ConfigError, match=f"train.optimizer {optimizer} .*needs method.name full or freeze"):
+    with pytest.raises(ConfigError, match=f"optimizer.name {optimizer} .*needs method.name full or freeze"):
         make_config(method={"name": "lora"}, train={"optimizer": optimizer})
     make_config(method={"name": "freeze", "trainable_layers": 1}, train={"optimizer": optimizer})
 
@@ -281,16 +282,16 @@ def test_fingerprint_holds_the_settings_of_the_optimizer_in_use(make_config):
     keys = {name: set(fingerprint(make_config(method={"name": "full"}, train={"optimizer": name}), {}))
             for name in ("adamw", "galore_8bit", "badam")}
     assert not any("galore" in k or "badam" in k for k in keys["adamw"])  # older checkpoints still match
-    assert keys["galore_8bit"] - keys["adamw"] == {"train.galore_rank", "train.galore_update_interval",
-                                                   "train.galore_scale", "train.galore_proj_type"}
-    assert keys["badam"] - keys["adamw"] == {"train.badam_switch_every", "train.badam_order"}
+    assert keys["galore_8bit"] - keys["adamw"] == {"optimizer.rank", "optimizer.update_interval",
+                                                   "optimizer.scale", "optimizer.proj_type"}
+    assert keys["badam"] - keys["adamw"] == {"optimizer.switch_every", "optimizer.order"}
 
 
-@pytest.mark.parametrize("optimizer,key,value", [("galore", "galore_rank", 8), ("badam", "badam_order", "ascending")])
+@pytest.mark.parametrize("optimizer,key,value", [("galore", "rank", 8), ("badam", "order", "ascending")])
 def test_resume_with_other_optimizer_settings_is_refused(make_config, tmp_path, optimizer, key, value):
     cfg = run_config(make_config, tmp_path, "run", optimizer=optimizer, galore_rank=4)
     with pytest.raises(TrainingStopped):
         train(cfg, log=quiet, stop_at_step=2)
-    setattr(cfg.train, key, value)
-    with pytest.raises(TunesmithError, match=f"train.{key}: was .*, now {value!r}"):
+    setattr(cfg.optimizer, key, value)
+    with pytest.raises(TunesmithError, match=f"optimizer.{key}: was .*, now {value!r}"):
         train(cfg, log=quiet, resume=True)

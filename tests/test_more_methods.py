@@ -299,8 +299,8 @@ def test_qlora_without_bitsandbytes_parses_and_the_preflight_names_the_install(m
     galore = config_from_dict({"data": {"train_file": "x.jsonl"}, "method": {"name": "full"},
                                "train": {"optimizer": "galore_8bit"}})
     assert [f.message for f in packages(galore)] == [
-        "train.optimizer galore_8bit needs galore_torch, which is not installed",
-        "train.optimizer galore_8bit needs bitsandbytes, which is not installed"]
+        "optimizer.name galore_8bit needs galore_torch, which is not installed",
+        "optimizer.name galore_8bit needs bitsandbytes, which is not installed"]
     with pytest.raises(TunesmithError, match="pre-flight checks found 1 error"):
         from tunesmith.training.loop import train
 

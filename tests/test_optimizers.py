@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from test_faults import RESUMABLE, assert_same_run, losses, quiet
+from tunesmith.config.schema import OptimizerConfig
 from tunesmith.errors import TrainingStopped, TunesmithError
 from tunesmith.training.loop import train
 
@@ -42,6 +43,6 @@ def test_resume_with_another_optimizer_is_refused(make_config, tmp_path):
     cfg = make_config(output={"dir": str(tmp_path / "run")}, **RESUMABLE)
     with pytest.raises(TrainingStopped):
         train(cfg, log=quiet, stop_at_step=4)
-    cfg.train.optimizer = "sgd"
-    with pytest.raises(TunesmithError, match="train.optimizer: was 'adamw', now 'sgd'"):
+    cfg.optimizer = OptimizerConfig(name="sgd")
+    with pytest.raises(TunesmithError, match="optimizer.name: was 'adamw', now 'sgd'"):
         train(cfg, log=quiet, resume=True)

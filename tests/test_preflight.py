@@ -211,9 +211,9 @@ def test_badam_warns_when_the_run_is_too_short_for_every_layer_to_train(make_con
     def turns(steps: int):
         cfg = make_config(unique_rows(100), method={"name": "full"},
                           train={"max_steps": steps, "optimizer": "badam", "badam_switch_every": 4})
-        return by_topic(findings_for(cfg), "train.badam_switch_every")
+        return by_topic(findings_for(cfg), "optimizer.switch_every")
 
     short = turns(3)
     assert short and short[0].severity == "warning" and "only 1 of them will train" in short[0].message
-    assert short[0].suggestion.startswith("train.badam_switch_every: 1")
+    assert short[0].suggestion.startswith("optimizer.switch_every: 1")
     assert turns(8) == []

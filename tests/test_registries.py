@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from tunesmith.config.explain import config_fields, texts
-from tunesmith.config.schema import METHOD_SECTIONS, DataConfig, StageConfig, TrainConfig
+from tunesmith.config.schema import METHOD_SECTIONS, OPTIMIZER_SECTIONS, STAGE_SECTIONS, DataConfig, TrainConfig
 from tunesmith.data.formats import FORMATS as DATA_FORMATS
 from tunesmith.export import FORMATS as EXPORTS
 from tunesmith.methods import METHODS
@@ -78,7 +78,9 @@ def method_problems(method) -> list[str]:
 
 
 def optimizer_problems(opt) -> list[str]:
-    found = explanation_problems(opt, "train.optimizer") + keys_problems(opt.name, "train", opt.settings, TrainConfig)
+    found = explanation_problems(opt, "optimizer.name") + keys_problems(opt.name, "optimizer", opt.fields(), opt.section)
+    if OPTIMIZER_SECTIONS.get(opt.name) is not opt.section or opt.name not in opt.section.names():
+        found.append(f"{opt.name}: its section is not the config's section")
     found += [f"{opt.name}: accepts unknown method {m}" for m in opt.methods or () if m not in METHODS]
     method = (opt.methods or ("lora",))[0]
     plan = Plan(SHAPE, method=method, optimizer=opt.name)
@@ -95,6 +97,7 @@ def optimizer_problems(opt) -> list[str]:
 
 def stage_problems(stage) -> list[str]:
     found = explanation_problems(stage, "stage.name") + init_problems(stage.name, stage.init_values)
+    found += keys_problems(stage.name, "stage", stage.fields(), stage.section())
     if not stage.data_formats():
         found.append(f"{stage.name}: no data format can train it")
     extra = stage.extra_memory(Plan(SHAPE))
@@ -143,16 +146,16 @@ def test_the_checks_find_an_incomplete_entry():
     assert any("no train.lr" in p for p in found) and any("unknown stage" in p for p in found)
     assert any("trainable_count gives 0" in p for p in found)
     slow = SimpleNamespace(**{**vars(OPTIMIZERS["sgd"]), "name": "slow", "build": None,
-                              "explanation": lambda: {}, "settings": ("nope",), "methods": ("full", "ghost"),
-                              "memory": lambda plan, trainable: (0.0, -1.0, "")})
+                              "explanation": lambda: {}, "fields": lambda: ["nope"], "methods": ("full", "ghost"),
+                              "section": OPTIMIZER_SECTIONS["sgd"], "memory": lambda plan, trainable: (0.0, -1.0, "")})
     found = optimizer_problems(slow)
-    assert len(found) == 6, found  # explanation, key twice (no such key, no text), method, memory, build
+    assert len(found) == 7, found  # explanation, key twice (no such key, no text), section, method, memory, build
 
 
 @pytest.mark.parametrize("key, registry, names", [
     ("method.name", METHODS, list(METHOD_SECTIONS)),
-    ("train.optimizer", OPTIMIZERS, literal(TrainConfig, "optimizer")),
-    ("stage.name", STAGES, literal(StageConfig, "name")),
+    ("optimizer.name", OPTIMIZERS, list(OPTIMIZER_SECTIONS)),
+    ("stage.name", STAGES, list(STAGE_SECTIONS)),
     ("data.format", DATA_FORMATS, literal(DataConfig, "format")),
     ("export.format", EXPORTS, list(EXPORTS)),
 ])
@@ -184,8 +187,9 @@ def test_init_writes_each_entrys_keys_and_only_those(tmp_path):
         assert set(written["method"]) == {"name", *method.fields()}, name
         assert written["train"]["lr"] == method.init_values["train.lr"]
     galore = yaml.safe_load(init_config("m", "full", "d.jsonl", optimizer="galore"))
-    assert {"galore_rank", "galore_scale"} <= set(galore["train"]) and "badam_order" not in galore["train"]
-    assert "galore_rank" not in yaml.safe_load(init_config("m", "full", "d.jsonl"))["train"]
+    assert galore["optimizer"] == {"name": "galore", "rank": 128, "update_interval": 200, "scale": 0.25,
+                                   "proj_type": "std"}
+    assert yaml.safe_load(init_config("m", "full", "d.jsonl"))["optimizer"] == {"name": "adamw"}
     pretrain = yaml.safe_load(init_config("m", "lora", "d.jsonl", stage="pretrain"))
     assert pretrain["stage"] == {"name": "pretrain"} and pretrain["data"]["format"] == "text"
 

@@ -28,8 +28,13 @@ def test_a_config_saved_by_0_1_0_loads_unchanged(method, tmp_path):
     cfg = RunDir(run).read_config()
     raw = yaml.safe_load(saved.read_text())
     assert cfg.method.name == method and cfg.stage.name == "sft"
-    assert cfg.train.optimizer == raw["train"]["optimizer"] and cfg.data.system_prompt == "Be brief."
-    for section in ("model", "data", "train", "eval", "checkpoint", "output"):
+    assert cfg.optimizer.name == raw["train"]["optimizer"] and cfg.data.system_prompt == "Be brief."
+    flat = {"name": "optimizer", **{own: old for old, own in type(cfg.optimizer).flat_keys.items()}}
+    for key, value in cfg.optimizer.model_dump(mode="json").items():  # its settings moved out of train
+        assert raw["train"][flat[key]] == value, key
+    moved = {"optimizer", "momentum"} | {k for k in raw["train"] if k.startswith(("galore_", "badam_"))}
+    assert cfg.train.model_dump(mode="json") == {k: v for k, v in raw["train"].items() if k not in moved}
+    for section in ("model", "data", "eval", "checkpoint", "output"):
         assert getattr(cfg, section).model_dump(mode="json") == raw[section], section
     for key, value in cfg.method.model_dump(mode="json").items():
         assert raw["method"][key] == value, key
@@ -54,3 +59,68 @@ def test_a_changed_setting_is_still_caught_against_an_old_fingerprint():
     raw["method"]["r"], raw.setdefault("stage", {})["name"] = 8, "pretrain"
     with pytest.raises(CheckpointError, match="stage.name: was 'sft', now 'pretrain'"):
         check_resumable(saved, fingerprint(config_from_dict(raw), HASHES), force=False)
+
+
+def test_a_changed_optimizer_setting_is_caught_against_an_old_fingerprint():
+    """0.1.0's fingerprint names the GaLore rank train.galore_rank; it is compared as optimizer.rank."""
+    from tunesmith.run.checkpoint import CheckpointError
+
+    saved = json.loads((DATA / "saved_fingerprints_0.1.0.json").read_text())["full"]
+    assert saved["train.optimizer"] == "galore" and saved["train.galore_rank"] == 128
+    raw = yaml.safe_load((DATA / "saved_config_0.1.0_full.yaml").read_text())
+    raw["train"]["galore_rank"] = 64
+    with pytest.raises(CheckpointError, match="optimizer.rank: was 128, now 64"):
+        check_resumable(saved, fingerprint(config_from_dict(raw), HASHES), force=False)
+    raw["train"].update(galore_rank=128, optimizer="galore_8bit")
+    with pytest.raises(CheckpointError, match="optimizer.name: was 'galore', now 'galore_8bit'"):
+        check_resumable(saved, fingerprint(config_from_dict(raw), HASHES), force=False)
+
+
+# ------------------------------------------------------------------ the optimizer's section and its old spelling
+
+BASE = {"data": {"train_file": "x.jsonl"}, "method": {"name": "full"}}
+
+
+def test_the_old_flat_optimizer_keys_land_in_the_optimizers_section():
+    cfg = config_from_dict({**BASE, "train": {"optimizer": "badam", "badam_switch_every": 7, "lr": 1e-3}})
+    assert cfg.optimizer.model_dump() == {"name": "badam", "switch_every": 7, "order": "random"}
+    assert cfg.train.lr == 1e-3 and "optimizer" not in cfg.train.model_dump()
+    assert config_from_dict({**BASE, "optimizer": "galore"}).optimizer.rank == 128  # the shorthand
+    again = config_from_dict(cfg.to_dict())  # what a run saves reads back the same
+    assert again.optimizer == cfg.optimizer and again.to_yaml() == cfg.to_yaml()
+
+
+def test_an_override_switches_the_optimizer_of_a_config_file(tmp_path):
+    """--train.optimizer=sgd over a file with a GaLore section: the GaLore keys at their defaults go quietly,
+    one set to something else goes with a warning naming the optimizers it belongs to."""
+    from tunesmith.config.schema import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "optimizer": {"name": "galore", "rank": 32, "scale": 0.25}}))
+    with pytest.warns(UserWarning, match="optimizer.rank applies to optimizer galore, galore_8bit, galore_adafactor, "
+                                         "not sgd"):
+        cfg = load_config(path, ["--train.optimizer=sgd", "--optimizer.momentum=0.5"])
+    assert cfg.optimizer.model_dump() == {"name": "sgd", "momentum": 0.5}
+    assert load_config(path, ["--optimizer.rank=8"]).optimizer.rank == 8
+
+
+def test_the_optimizers_section_rejects_what_is_not_its_own():
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer.rnak' \(optimizer galore\)\. Did you mean "
+                                          r"'optimizer.rank'\?"):
+        config_from_dict({**BASE, "optimizer": {"name": "galore", "rnak": 4}})
+    with pytest.raises(ConfigError, match="optimizer.name: 'adam' is not an optimizer; .* Did you mean 'adamw'"):
+        config_from_dict({**BASE, "optimizer": "adam"})
+    with pytest.raises(ConfigError, match="optimizer.name is 'sgd' and train.optimizer .* is 'adamw'"):
+        config_from_dict({**BASE, "optimizer": "sgd", "train": {"optimizer": "adamw"}})
+    with pytest.raises(ConfigError, match="unknown key 'stage.beta' \\(stage sft\\)"):
+        config_from_dict({**BASE, "stage": {"name": "sft", "beta": 0.1}})
+
+
+def test_explain_finds_a_moved_key_by_its_old_name():
+    from tunesmith.config.explain import explain
+
+    assert explain("train.galore_rank").startswith("optimizer.rank  (default: 128)")
+    assert explain("badam_order").startswith("optimizer.order  (default: random")
+    assert explain("train.optimizer").startswith("optimizer.name  (default: adamw")

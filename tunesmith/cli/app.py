@@ -216,7 +216,7 @@ def init(out: Path = typer.Argument(..., help="the YAML file to write (must not 
          model: str = typer.Option("smollm2-135m-instruct", "--model", help="short name, directory, .gguf or hub id"),
          method: str = typer.Option("lora", "--method", help=_choices("method.name")),
          data: str = typer.Option("data/train.jsonl", "--data", help="the training file (JSON or JSONL rows)"),
-         optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("train.optimizer")),
+         optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("optimizer.name")),
          stage: str = typer.Option("sft", "--stage", help=_choices("stage.name")),
          ) -> None:
     """Write a complete config with every key explained in a comment above it."""
@@ -261,7 +261,7 @@ def estimate(
                                         "is read; weights are not loaded)"),
     params: Optional[float] = typer.Option(None, "--params", help="parameter count instead of --model, e.g. 7e9"),
     method: str = typer.Option("lora", "--method", help=_choices("method.name")),
-    optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("train.optimizer")),
+    optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("optimizer.name")),
     precision: str = typer.Option("bf16", "--precision", help="bf16 | fp32"),
     micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="rows per forward/backward pass"),
     seq: int = typer.Option(1024, "--seq", min=8, help="tokens per row (the longest row, at most max_seq_length)"),

@@ -27,13 +27,14 @@ def tables() -> str:
     for name, method in METHODS.items():
         exports = ", ".join(f for f, e in EXPORTS.items() if e.refuses(method) is None)
         rows.append(f"| `{name}` | {method.explanation()['label']} | {_keys('method', method.fields())} | {exports} |")
-    rows += ["", "| `stage.name` | what it is | data formats |", "| --- | --- | --- |"]
+    rows += ["", "| `stage.name` | what it is | data formats | its own keys |", "| --- | --- | --- | --- |"]
     for name, stage in STAGES.items():
-        rows.append(f"| `{name}` | {stage.explanation()['label']} | {', '.join(stage.data_formats())} |")
-    rows += ["", "| `train.optimizer` | what it is | methods | its own keys |", "| --- | --- | --- | --- |"]
+        rows.append(f"| `{name}` | {stage.explanation()['label']} | {', '.join(stage.data_formats())} | "
+                    f"{_keys('stage', stage.fields())} |")
+    rows += ["", "| `optimizer.name` | what it is | methods | its own keys |", "| --- | --- | --- | --- |"]
     for name, opt in OPTIMIZERS.items():
         rows.append(f"| `{name}` | {opt.explanation()['label']} | {', '.join(opt.methods or ['all'])} | "
-                    f"{_keys('train', opt.settings)} |")
+                    f"{_keys('optimizer', opt.fields())} |")
     rows += ["", "| `data.format` | what it is | stages |", "| --- | --- | --- |"]
     for name, fmt in DATA_FORMATS.items():
         rows.append(f"| `{name}` | {fmt.explanation()['label']} | {', '.join(fmt.stages)} |")

@@ -50,7 +50,7 @@ def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> dict[str
             for member in [type(default), *members]:
                 for path, info in config_fields(member, f"{prefix}{name}.").items():
                     out.setdefault(path, info)
-            tags = [m.model_fields["name"].default for m in members]
+            tags = [t for m in members for t in typing.get_args(m.model_fields["name"].annotation)]
             out[f"{prefix}{name}.name"] = FieldInfo(f"{prefix}{name}.name", default.name, tags)
             continue
         default = field.get_default(call_default_factory=True)
@@ -92,11 +92,22 @@ def choices_of(key: str) -> dict[str, dict[str, str]]:
     return texts()["choices"].get(key, {})
 
 
+def _renamed(topic: str) -> str:
+    """Keys of 0.1 that moved: train.optimizer is optimizer.name, train.galore_rank is optimizer.rank."""
+    from tunesmith.config.schema import OPTIMIZER_SECTIONS
+
+    moved = {"optimizer": "name", **{old: new for c in OPTIMIZER_SECTIONS.values() for old, new in c.flat_keys.items()}}
+    key = topic.removeprefix("train.")
+    if key in moved and (topic != key or key != "optimizer"):
+        return f"optimizer.{moved[key]}"
+    return topic
+
+
 def resolve_topic(topic: str) -> tuple[str, str]:
     """(kind, key) for a field path, a bare field name when unique, a section, a concept, a choice (`badam`,
     `pretrain`: key/name), or `all`."""
     fields, data = config_fields(), texts()
-    topic = topic.strip().lower().replace("-", "_")
+    topic = _renamed(topic.strip().lower().replace("-", "_"))
     if topic in ("all", ""):
         return "all", ""
     if topic in fields:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+import typing
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -33,7 +34,7 @@ class DataConfig(Section):
     train_file: str | None = None
     val_file: str | None = None
     test_file: str | None = None
-    format: Literal["alpaca", "messages", "sharegpt", "text"] | None = None
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference"] | None = None
     """Row format; detected from the first row when absent."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map our field names to yours, e.g. {instruction: question, output: answer}."""
@@ -229,9 +230,193 @@ def MethodConfig(**fields: Any) -> Section:  # noqa: N802  (reads like the class
         raise _explain(exc, "method") from None
 
 
-class StageConfig(Section):
-    name: Literal["sft", "pretrain"] = "sft"
-    """sft: learn replies from prompt/reply rows; pretrain: continue pre-training on raw text rows."""
+# ------------------------------------------------------------------------------------------- stages
+
+
+class SftStageSection(Section):
+    """sft: learn replies from prompt/reply rows."""
+
+    name: Literal["sft"] = "sft"
+
+
+class PretrainStageSection(Section):
+    """pretrain: continue pre-training on raw text rows."""
+
+    name: Literal["pretrain"] = "pretrain"
+
+
+class DpoStageSection(Section):
+    """dpo: prefer the chosen reply over the rejected one, relative to the starting model (the reference)."""
+
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    """How far the model may move from the reference: larger keeps it closer."""
+    loss: Literal["sigmoid", "hinge", "ipo", "kto_pair"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """The share of pairs assumed mislabelled (conservative DPO); sigmoid loss only."""
+    ftx: float = Field(0.0, ge=0)
+    """Weight of an SFT term (the chosen reply's mean token loss) added to the preference loss."""
+    precompute_reference: bool = False
+    """Score every pair with the reference once before training, instead of at every step."""
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self):
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(f"stage.label_smoothing applies to stage.loss sigmoid, not {self.loss}")
+        return self
+
+
+class OrpoStageSection(Section):
+    """orpo: SFT on the chosen reply plus an odds-ratio term against the rejected one; no reference."""
+
+    name: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0)
+    """Weight of the odds-ratio term beside the SFT loss (ORPO's lambda)."""
+
+
+class SimpoStageSection(Section):
+    """simpo: prefer the chosen reply by mean token log-probability, with a target margin; no reference."""
+
+    name: Literal["simpo"] = "simpo"
+    beta: float = Field(2.0, gt=0)
+    """Scales the difference of the replies' mean log-probabilities."""
+    gamma: float = Field(1.0, ge=0)
+    """The margin the scaled difference should exceed."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    ftx: float = Field(0.0, ge=0)
+
+
+STAGE_SECTIONS: dict[str, type[Section]] = {cls.model_fields["name"].default: cls for cls in (
+    SftStageSection, PretrainStageSection, DpoStageSection, OrpoStageSection, SimpoStageSection)}
+"""Each stage's own section: `stage.name` picks one, and only its keys belong under `stage:`."""
+StageSection = Annotated[Union[tuple(STAGE_SECTIONS.values())], Field(discriminator="name")]
+
+
+# ------------------------------------------------------------------------------------------- optimizers
+
+
+class _OptimizerSection(Section):
+    methods: ClassVar[tuple[str, ...] | None] = None
+    """The methods it accepts (None: every one)."""
+    flat_keys: ClassVar[dict[str, str]] = {}
+    """Its settings' names as flat train.* keys (before optimizers had sections) -> its own keys."""
+    state_settings: ClassVar[bool] = False
+    """Its settings decide what the saved optimizer state means, so a resume must keep them."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return typing.get_args(cls.model_fields["name"].annotation)
+
+
+class PlainOptimizerSection(_OptimizerSection):
+    """Optimizers with no settings of their own (betas and eps are train.adam_*, shared with GaLore and BAdam)."""
+
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor"] = "adamw"
+
+
+class SgdOptimizerSection(_OptimizerSection):
+    name: Literal["sgd"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    flat_keys: ClassVar[dict[str, str]] = {"momentum": "momentum"}
+
+
+class GaloreOptimizerSection(_OptimizerSection):
+    name: Literal["galore", "galore_8bit", "galore_adafactor"] = "galore"
+    rank: int = Field(128, ge=1)
+    """The rank gradients of the layers' weight matrices are projected to."""
+    update_interval: int = Field(200, ge=1)
+    """Steps between recomputing each projection from the current gradient."""
+    scale: float = Field(0.25, gt=0)
+    """Multiplies the projected-back update."""
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
+    methods: ClassVar[tuple[str, ...] | None] = ("full", "freeze")
+    flat_keys: ClassVar[dict[str, str]] = {"galore_rank": "rank", "galore_update_interval": "update_interval",
+                                           "galore_scale": "scale", "galore_proj_type": "proj_type"}
+    state_settings: ClassVar[bool] = True
+
+
+class BadamOptimizerSection(_OptimizerSection):
+    name: Literal["badam"] = "badam"
+    switch_every: int = Field(50, ge=1)
+    """Optimizer steps on one block (decoder layer) before moving to the next."""
+    order: Literal["random", "ascending", "descending"] = "random"
+    """The order blocks take turns in (random: a new shuffle each round, from train.seed)."""
+    methods: ClassVar[tuple[str, ...] | None] = ("full", "freeze")
+    flat_keys: ClassVar[dict[str, str]] = {"badam_switch_every": "switch_every", "badam_order": "order"}
+    state_settings: ClassVar[bool] = True
+
+
+OPTIMIZER_SECTIONS: dict[str, type[_OptimizerSection]] = {name: cls for cls in (
+    PlainOptimizerSection, SgdOptimizerSection, GaloreOptimizerSection, BadamOptimizerSection)
+    for name in cls.names()}
+"""Each optimizer's section: `optimizer.name` picks one (several optimizers may share a section's keys)."""
+OptimizerSection = Annotated[Union[PlainOptimizerSection, SgdOptimizerSection, GaloreOptimizerSection,
+                                   BadamOptimizerSection], Field(discriminator="name")]
+
+
+def optimizer_section(raw: Any, train: dict[str, Any] | None = None, complete: bool = True) -> Any:
+    """The optimizer section as its own optimizer's keys. Configs written before optimizers had a section name
+    the optimizer `train.optimizer` and its settings as flat train.* keys (train.galore_rank): those move here
+    from `train` (changed in place). Keys of another optimizer are dropped, silently at their default, else
+    with a warning. `complete=False` (a set of overrides, merged into a file later) only moves keys."""
+    section = {"name": raw} if isinstance(raw, str) else dict(raw) if isinstance(raw, dict) else raw
+    if not isinstance(section, dict):
+        return raw  # pydantic says what is wrong
+    if train is not None and "optimizer" in train:
+        old = train.pop("optimizer")
+        old = old.get("name") if isinstance(old, dict) else old
+        if "name" in section and section["name"] != old:
+            raise ValueError(f"optimizer.name is {section['name']!r} and train.optimizer (its old spelling) is "
+                             f"{old!r}: keep one of them")
+        section["name"] = old
+    for flat in [k for k in train or {} if k in _FLAT_KEYS]:
+        section.setdefault(_FLAT_KEYS[flat], train.pop(flat))
+    if not complete:
+        return section
+    name = section.get("name", "adamw")
+    own = OPTIMIZER_SECTIONS.get(name)
+    if own is not None:  # another optimizer's keys, e.g. after --optimizer.name=sgd over a galore config
+        for key in [k for k in section if k not in own.model_fields]:
+            owners = [c for c in dict.fromkeys(OPTIMIZER_SECTIONS.values()) if key in c.model_fields]
+            if not owners:
+                continue  # unknown: pydantic's did-you-mean
+            value = section.pop(key)
+            if value != owners[0].model_fields[key].default:
+                import warnings
+
+                warnings.warn(f"optimizer.{key} applies to optimizer "
+                              f"{', '.join(n for c in owners for n in c.names())}, not {name}; ignored", stacklevel=4)
+    return {"name": name, **section}
+
+
+_FLAT_KEYS = {old: new for cls in OPTIMIZER_SECTIONS.values() for old, new in cls.flat_keys.items()}
+
+
+_OPTIMIZER_SECTION = TypeAdapter(OptimizerSection)
+
+
+def OptimizerConfig(**fields: Any) -> _OptimizerSection:  # noqa: N802  (reads like a class, as MethodConfig)
+    """The section model of `fields["name"]` (adamw by default), built from keyword arguments."""
+    try:
+        return _OPTIMIZER_SECTION.validate_python(optimizer_section({"name": "adamw", **fields}))
+    except ValidationError as exc:
+        raise _explain(exc, "optimizer") from None
+
+
+def shorthand(raw: dict[str, Any], complete: bool = True) -> dict[str, Any]:
+    """`method: lora`, `optimizer: galore`, `stage: dpo` mean the section with that name and default keys; the
+    optimizer's flat train.* keys of earlier releases move into its section (see optimizer_section)."""
+    out = dict(raw)
+    for key in ("method", "stage"):
+        if isinstance(out.get(key), str):
+            out[key] = {"name": out[key]}
+    train = dict(out["train"]) if isinstance(out.get("train"), dict) else None
+    if "optimizer" in out or (train is not None and (
+            "optimizer" in train or any(k in _FLAT_KEYS for k in train))):
+        out["optimizer"] = optimizer_section(out.get("optimizer", {}), train, complete)
+        if train is not None:
+            out["train"] = train
+    return out
 
 
 class TrainConfig(Section):
@@ -245,25 +430,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "adafactor", "sgd", "galore", "galore_8bit",
-                       "galore_adafactor", "badam"] = "adamw"
-    """adamw; adamw_8bit / paged_adamw_8bit (bitsandbytes: states in 8 bits); adafactor (factored second
-    moments, little state); sgd (with momentum); galore* (AdamW, 8-bit AdamW or Adafactor on gradients
-    projected to low rank; full/freeze); badam (AdamW on one block of layers at a time; full/freeze)."""
-    momentum: float = Field(0.9, ge=0, lt=1)
-    """SGD only."""
-    galore_rank: int = Field(128, ge=1)
-    """GaLore: the rank gradients of the layers' weight matrices are projected to."""
-    galore_update_interval: int = Field(200, ge=1)
-    """GaLore: steps between recomputing each projection from the current gradient."""
-    galore_scale: float = Field(0.25, gt=0)
-    """GaLore: multiplies the projected-back update."""
-    galore_proj_type: Literal["std", "reverse_std", "left", "right", "full"] = "std"
-    badam_switch_every: int = Field(50, ge=1)
-    """BAdam: optimizer steps on one block (decoder layer) before moving to the next."""
-    badam_order: Literal["random", "ascending", "descending"] = "random"
-    """BAdam: the order blocks take turns in (random: a new shuffle each round, from train.seed)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's betas, for every optimizer built on it (adamw*, galore, galore_8bit, badam)."""
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 42
@@ -318,7 +486,8 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodSection = Field(default_factory=LoraSection)
-    stage: StageConfig = Field(default_factory=StageConfig)
+    stage: StageSection = Field(default_factory=SftStageSection)
+    optimizer: OptimizerSection = Field(default_factory=PlainOptimizerSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -326,9 +495,11 @@ class Config(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _own_method_keys(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and "method" in raw:
-            raw = {**raw, "method": method_section(raw["method"])}
+    def _own_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = shorthand(raw)
+            if "method" in raw:
+                raw = {**raw, "method": method_section(raw["method"])}
         return raw
 
     @model_validator(mode="after")
@@ -339,7 +510,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _optimizer_fits_method(self) -> "Config":
-        problem = optimizer_method_problem(self.train.optimizer, self.method.name)
+        problem = optimizer_method_problem(self.optimizer.name, self.method.name)
         if problem:
             raise ValueError(problem)
         return self
@@ -351,21 +522,12 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# What config validation needs of each optimizer (optim/registry.py holds the rest of each entry): the methods
-# it accepts, where not every one, and the train.* settings only it reads.
-OPTIMIZER_METHODS: dict[str, tuple[str, ...]] = {
-    name: ("full", "freeze") for name in ("galore", "galore_8bit", "galore_adafactor", "badam")}
-_GALORE = ("galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type")
-OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {
-    "sgd": ("momentum",), "galore": _GALORE, "galore_8bit": _GALORE, "galore_adafactor": _GALORE,
-    "badam": ("badam_switch_every", "badam_order")}
-
-
 def optimizer_method_problem(optimizer: str, method: str) -> str | None:
-    """Why train.optimizer cannot go with method.name, or None."""
-    accepted = OPTIMIZER_METHODS.get(optimizer)
+    """Why optimizer.name cannot go with method.name, or None."""
+    section = OPTIMIZER_SECTIONS.get(optimizer)
+    accepted = section.methods if section else None
     if accepted is not None and method not in accepted:
-        return (f"train.optimizer {optimizer} works on the model's own weights, so it needs method.name "
+        return (f"optimizer.name {optimizer} works on the model's own weights, so it needs method.name "
                 f"{' or '.join(accepted)} (it is {method}); adapters are small enough for adamw")
     return None
 
@@ -402,31 +564,40 @@ def _suggest(key: str, known: list[str]) -> str | None:
     alias = ALIASES.get(key.lower())
     if alias in known:
         return alias
+    longer = sorted((k for k in known if k.startswith(key)), key=len)
+    if key and longer:  # 'adam' means adamw more often than badam
+        return longer[0]
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     return close[0] if close else None
 
 
+def _unions() -> dict[str, dict[str, type[BaseModel]]]:
+    """The sections that are unions, each by the name that picks its member."""
+    return {"method": METHOD_SECTIONS, "stage": STAGE_SECTIONS, "optimizer": OPTIMIZER_SECTIONS}
+
+
 def _explain(exc: ValidationError, source: str) -> ConfigError:
     lines = []
+    unions = _unions()
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
-        method = None
-        if loc[:1] == ("method",) and len(loc) > 2 and loc[1] in METHOD_SECTIONS:
-            method, loc = loc[1], loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
+        member = None
+        if loc[:1] and loc[0] in unions and len(loc) > 2 and loc[1] in unions[loc[0]]:
+            member, loc = loc[1], loc[:1] + loc[2:]  # pydantic puts the union's tag in the path
         key = ".".join(loc) or "(top level)"
-        if err["type"] == "union_tag_invalid" and loc == ("method",):
-            tag = str(err.get("ctx", {}).get("tag", ""))
-            close = _suggest(tag, list(METHOD_SECTIONS))
-            lines.append(f"method.name: '{tag}' is not a method; one of {', '.join(METHOD_SECTIONS)}."
-                         + (f" Did you mean '{close}'?" if close else ""))
+        if err["type"] == "union_tag_invalid" and len(loc) == 1 and loc[0] in unions:
+            tag, names = str(err.get("ctx", {}).get("tag", "")), list(unions[loc[0]])
+            close = _suggest(tag, names)
+            lines.append(f"{loc[0]}.name: '{tag}' is not a{'n' if loc[0] == 'optimizer' else ''} {loc[0]}; one of "
+                         f"{', '.join(names)}." + (f" Did you mean '{close}'?" if close else ""))
             continue
         if err["type"] == "extra_forbidden":
-            known = (list(METHOD_SECTIONS[method].model_fields) if method and len(loc) == 2
+            known = (list(unions[loc[0]][member].model_fields) if member and len(loc) == 2
                      else _section_fields(Config, loc[:-1]))
             close = _suggest(loc[-1], known)
             hint = f" Did you mean '{'.'.join(loc[:-1] + (close,))}'?" if close else ""
             known_txt = f" Known keys here: {', '.join(known)}." if known else ""
-            lines.append(f"unknown key '{key}'{f' (method {method})' if method else ''}.{hint}{known_txt}")
+            lines.append(f"unknown key '{key}'{f' ({loc[0]} {member})' if member else ''}.{hint}{known_txt}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"{key}: {msg} (got {err.get('input')!r})" if loc else msg)
@@ -468,6 +639,13 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _shorthand_or_explain(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    try:
+        return shorthand(raw, complete=False)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid config:\n  {exc}") from None
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
@@ -490,7 +668,7 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, ...)")
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        raw = _deep_merge(raw, extra)
+        raw = _deep_merge(_shorthand_or_explain(raw, str(path)), _shorthand_or_explain(extra, "overrides"))
     config = config_from_dict(raw, str(path))
     return resolve_paths(config, path.parent)
 

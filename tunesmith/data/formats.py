@@ -5,6 +5,9 @@ Formats:
   messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (OpenAI style)
   sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
   text      {"text": str}   (every token trained: continued pre-training style)
+  preference {"prompt", "chosen", "rejected"}: strings, or chat messages (TRL's standard and conversational
+            forms, and its implicit-prompt form of two whole conversations); also {"instruction", "input"?,
+            "chosen", "rejected", "system"?}
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 @dataclass
 class Example:
     messages: list[dict[str, str]] | None = None
+    """The conversation; for a preference pair, the prompt and the chosen reply."""
     text: str | None = None
     where: str = ""
+    rejected: str | None = None
+    """A preference pair's rejected reply (its prompt is that of `messages`)."""
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -57,17 +63,18 @@ def _string(row: Row, columns: dict[str, str], name: str, required: bool, allow_
     return value
 
 
-def _alpaca(row: Row, columns: dict[str, str]) -> Example:
+def _alpaca_prompt(row: Row, columns: dict[str, str]) -> list[dict[str, str]]:
     instruction = _string(row, columns, "instruction", required=True)
     extra = _string(row, columns, "input", required=False)
-    output = _string(row, columns, "output", required=True)
     system = _string(row, columns, "system", required=False)
     user = instruction if not extra or not extra.strip() else f"{instruction}\n\n{extra}"
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user},
-        {"role": "assistant", "content": output},
-    ]
-    return Example(messages=messages, where=row.where)
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def _alpaca(row: Row, columns: dict[str, str]) -> Example:
+    prompt = _alpaca_prompt(row, columns)
+    output = _string(row, columns, "output", required=True)
+    return Example(messages=prompt + [{"role": "assistant", "content": output}], where=row.where)
 
 
 def _text(row: Row, columns: dict[str, str]) -> Example:
@@ -110,6 +117,69 @@ def _chat(fmt: str) -> Callable[[Row, dict[str, str]], Example]:
     return read
 
 
+def _turns(value, where: str, field: str) -> list[dict[str, str]]:
+    """A list of chat messages of a preference row's field, checked like the messages format's."""
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"{where}: field '{field}' must be a string or a non-empty list of messages")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(turn.get("content"), str):
+            raise BadRow(f"{where}: {field}[{i}]: each message must be an object with 'role' (system/user/"
+                         "assistant) and 'content' (a string)")
+        out.append({"role": turn["role"], "content": turn["content"]})
+    return out
+
+
+def _reply(row: Row, columns: dict[str, str], name: str) -> str:
+    """A chosen or rejected reply: a string, or a list holding one assistant message."""
+    key = _field(row, name, columns)
+    value = row.data.get(key)
+    if isinstance(value, list):
+        turns = _turns(value, row.where, key)
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise BadRow(f"{row.where}: field '{key}' must be the assistant's reply: a string or one message with "
+                         "role 'assistant' (the prompt goes in 'prompt')")
+        value = turns[0]["content"]
+        if not value.strip():
+            raise BadRow(f"{row.where}: field '{key}' is empty")
+        return value
+    return _string(row, columns, name, required=True)
+
+
+def _preference(row: Row, columns: dict[str, str]) -> Example:
+    chosen_key, rejected_key = _field(row, "chosen", columns), _field(row, "rejected", columns)
+    if _field(row, "instruction", columns) in row.data:  # alpaca-style pairs
+        prompt = _alpaca_prompt(row, columns)
+    elif _field(row, "prompt", columns) in row.data:
+        key = _field(row, "prompt", columns)
+        value = row.data[key]
+        prompt = ([{"role": "user", "content": _string(row, columns, "prompt", required=True)}]
+                  if not isinstance(value, list) else _turns(value, row.where, key))
+        if not any(m["role"] == "user" for m in prompt):
+            raise BadRow(f"{row.where}: field '{key}' has no user message")
+        if prompt[-1]["role"] == "assistant":
+            raise BadRow(f"{row.where}: field '{key}' must end before the reply (its last message is the "
+                         "assistant's); the replies go in 'chosen' and 'rejected'")
+    else:  # TRL's implicit prompt: two whole conversations that differ only in the last reply
+        both = [row.data.get(chosen_key), row.data.get(rejected_key)]
+        if not all(isinstance(v, list) for v in both):
+            raise BadRow(f"{row.where}: missing field 'prompt' (or 'instruction'); without one, '{chosen_key}' and "
+                         f"'{rejected_key}' must be whole conversations that share everything but the last reply")
+        chosen, rejected = (_turns(v, row.where, k) for v, k in zip(both, (chosen_key, rejected_key)))
+        if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise BadRow(f"{row.where}: '{chosen_key}' and '{rejected_key}' must share every message but the last, "
+                         "and each must end with the assistant's reply")
+        if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
+            raise BadRow(f"{row.where}: a reply in '{chosen_key}' or '{rejected_key}' is empty")
+        return Example(messages=chosen, rejected=rejected[-1]["content"], where=row.where)
+    chosen, rejected = _reply(row, columns, "chosen"), _reply(row, columns, "rejected")
+    return Example(messages=prompt + [{"role": "assistant", "content": chosen}], rejected=rejected, where=row.where)
+
+
+PREFERENCE_STAGES = ("dpo", "orpo", "simpo")
+
+
 @dataclass(frozen=True)
 class DataFormat:
     name: str
@@ -119,6 +189,8 @@ class DataFormat:
     """One row into an Example; raises BadRow naming the row and field when it does not fit."""
     stages: tuple[str, ...]
     """The training stages its rows can train."""
+    paired: bool = False
+    """Each row is a preference pair (a chosen and a rejected reply to one prompt)."""
 
     def explanation(self) -> dict[str, str]:
         return choice("data.format", self.name)
@@ -129,8 +201,9 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     DataFormat("messages", "messages", _chat("messages"), ("sft",)),
     DataFormat("sharegpt", "conversations", _chat("sharegpt"), ("sft",)),
     DataFormat("text", "text", _text, ("sft", "pretrain")),
+    DataFormat("preference", "chosen", _preference, PREFERENCE_STAGES, paired=True),
 )}
-DETECTION_ORDER = ("messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
+DETECTION_ORDER = ("preference", "messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
 
 
 def detect_format(row: Row, columns: dict[str, str]) -> str:
@@ -140,7 +213,8 @@ def detect_format(row: Row, columns: dict[str, str]) -> str:
             return fmt
     raise DataError(
         f"{row.where}: cannot tell the data format from the keys {sorted(keys)}. Expected 'instruction'+'output' "
-        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT) or 'text'. Set data.format, and map "
+        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'text', or 'prompt'+'chosen'+'rejected' "
+        "(preference pairs). Set data.format, and map "
         "your column names with data.columns, e.g. {instruction: question, output: answer}."
     )
 

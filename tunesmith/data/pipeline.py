@@ -20,11 +20,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from tunesmith.config.schema import Config, DataConfig
-from tunesmith.data.formats import Example, detect_format, to_example
+from tunesmith.data.formats import FORMATS, Example, detect_format, to_example
 from tunesmith.data.reading import BadRow, Row, iter_rows
 from tunesmith.data.split import seeded_split
 from tunesmith.data.templates import IGNORE, install_template, render, resolve_template
-from tunesmith.data.token_store import Tokenized, TokenStore
+from tunesmith.data.token_store import Pair, PairStore, Tokenized, TokenStore
 from tunesmith.errors import DataError
 from tunesmith.models.loading import load_tokenizer, resolve
 
@@ -123,7 +123,7 @@ class PreparedData:
 
     @property
     def train_lengths(self) -> Sequence[int]:
-        return self.train.lengths if isinstance(self.train, TokenStore) else [len(t.input_ids) for t in self.train]
+        return self.train.lengths if isinstance(self.train, (TokenStore, PairStore)) else [len(t) for t in self.train]
 
     def copy_splits(self, out_dir: Path) -> None:
         """The exact rows of each split, so the run directory keeps what was used."""
@@ -169,7 +169,8 @@ def load_examples(path: str, cfg: DataConfig, fmt: str | None, skipped: list[str
 
 def content_key(example: Example) -> int:
     """Rows with the same content after normalisation (column names and order do not matter) share a key."""
-    blob = json.dumps([example.messages, example.text], sort_keys=True, ensure_ascii=False)
+    blob = json.dumps([example.messages, example.text] + ([example.rejected] if example.rejected is not None else []),
+                      sort_keys=True, ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(blob.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -181,28 +182,35 @@ def first_occurrences(keys: np.ndarray) -> np.ndarray:
 
 
 def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: DataConfig) -> bool:
-    """Render one example, apply the over-long policy, and add it to `sink` (a list or TokenStore)."""
+    """Render one example, apply the over-long policy, and add it to `sink` (a list or TokenStore). A preference
+    pair is rendered twice, prompt + chosen and prompt + rejected (the prompt's ids are the same in both, as
+    segments are tokenized one by one), its prompt never trained; a TokenStore gets its two rows in turn."""
     report.rows += 1
-    ids, labels = render(tokenizer, example, cfg.train_on_prompt)
-    report.raw_lengths.append(len(ids))
-    if len(ids) > cfg.max_seq_length:
+    if example.rejected is None:
+        rendered = [render(tokenizer, example, cfg.train_on_prompt)]
+    else:
+        rejected = Example(messages=example.prompt_messages + [{"role": "assistant", "content": example.rejected}])
+        rendered = [render(tokenizer, example), render(tokenizer, rejected)]
+    longest = max(len(ids) for ids, _ in rendered)
+    report.raw_lengths.append(longest)
+    if longest > cfg.max_seq_length:
         if cfg.overlong == "drop":
             report.dropped[f"longer than max_seq_length {cfg.max_seq_length}"] += 1
             return False
-        ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
+        rendered = [(ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]) for ids, labels in rendered]
         report.truncated += 1
-    item = Tokenized(ids, labels)
-    n_targets = item.n_targets
-    if n_targets == 0:
+    items = [Tokenized(ids, labels) for ids, labels in rendered]
+    if any(item.n_targets == 0 for item in items):
         report.dropped["no trainable tokens"] += 1
         return False
     if isinstance(sink, list):
-        sink.append(item)
+        sink.append(items[0] if len(items) == 1 else Pair(*items))
     else:
-        sink.append(ids, labels)
+        for ids, labels in rendered:
+            sink.append(ids, labels)
     report.kept += 1
-    report.lengths.append(len(ids))
-    report.trained_tokens += n_targets
+    report.lengths.append(min(longest, cfg.max_seq_length))
+    report.trained_tokens += sum(item.n_targets for item in items)
     return True
 
 
@@ -279,6 +287,8 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> Pr
         for f in files.values():
             f.close()
     train.close()
+    if FORMATS[fmt].paired:
+        train = PairStore(train)
     for _, ex in val_pairs:
         tokenize_into(val, reports["val"], ex, tokenizer, cfg)
     for ex in test_examples:
@@ -295,6 +305,9 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> Pr
 def show_examples(tokenizer, items: list[Tokenized], n: int) -> str:
     """Token-by-token view of rendered examples; trained tokens in [brackets], so masking and EOS are visible."""
     blocks = []
+    if items and isinstance(items[0], Pair):
+        items = [side for pair in items[:n] for side in (pair.chosen, pair.rejected)]
+        n *= 2
     for k, item in enumerate(items[:n]):
         parts = []
         for tok, lab in zip(item.input_ids, item.labels):

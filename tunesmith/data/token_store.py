@@ -31,6 +31,27 @@ class Tokenized:
         # A label at position t is predicted from position t-1, so position 0 never counts.
         return int(np.count_nonzero(np.asarray(self.labels[1:]) != IGNORE))
 
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Pair:
+    """A preference pair: the same prompt ids with the chosen and with the rejected reply (labels on the reply)."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+    reference: tuple[float, float] | None = None
+    """The starting model's scores of (chosen, rejected), when they were computed before training."""
+
+    @property
+    def n_targets(self) -> int:
+        return self.chosen.n_targets + self.rejected.n_targets
+
+    def __len__(self) -> int:
+        """The longer side: what a padded batch of pairs is padded to."""
+        return max(len(self.chosen), len(self.rejected))
+
 
 class TokenStore(Sequence):
     """Append rows while preparing, then `close()` and index like a list of Tokenized."""
@@ -92,3 +113,27 @@ class TokenStore(Sequence):
         ids = np.asarray(self._ids[start:end], dtype=np.int64)
         labels = np.where(self._mask[start:end].astype(bool), ids, IGNORE)
         return Tokenized(ids, labels)
+
+
+class PairStore(Sequence):
+    """A TokenStore holding pairs as consecutive rows (chosen, rejected), indexed as Pairs."""
+
+    def __init__(self, store: TokenStore):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store) // 2
+
+    @property
+    def lengths(self) -> np.ndarray:
+        both = self.store.lengths
+        return np.maximum(both[0::2], both[1::2])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return Pair(self.store[2 * i], self.store[2 * i + 1])

@@ -45,11 +45,36 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return [make_row(rng) for _ in range(n)]
 
 
-def write_dataset(path: str | Path, n: int = 600, seed: int = 0) -> Path:
+def _worse(person: dict, rng: random.Random) -> str:
+    """A reply a user would reject: prose, fenced or broken JSON, a field missing or wrong."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        return f"The person is {person['name']}, {person['age']} years old, a {person['job']} in {person['city']}."
+    if kind == 1:
+        return "```json\n" + json.dumps(person, indent=2) + "\n```"
+    if kind == 2:
+        return json.dumps(person)[:-1]  # the closing brace lost
+    if kind == 3:
+        return json.dumps({k: v for k, v in person.items() if k != rng.choice(list(person))})
+    return json.dumps({**person, "age": str(person["age"]), "city": person["city"].lower()})
+
+
+def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """The demo task as preference pairs: the exact JSON line chosen over a plausible worse reply."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        row = make_row(rng)
+        rows.append({"instruction": row["instruction"], "input": row["input"], "chosen": row["output"],
+                     "rejected": _worse(json.loads(row["output"]), rng)})
+    return rows
+
+
+def write_dataset(path: str | Path, n: int = 600, seed: int = 0, preference: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for row in make_rows(n, seed):
+        for row in (make_preference_rows if preference else make_rows)(n, seed):
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -57,4 +82,7 @@ def write_dataset(path: str | Path, n: int = 600, seed: int = 0) -> Path:
 if __name__ == "__main__":
     import sys
 
-    print(write_dataset(sys.argv[1] if len(sys.argv) > 1 else "examples/data/extract_people.jsonl"))
+    if "--preference" in sys.argv:
+        print(write_dataset("examples/data/extract_people_pairs.jsonl", preference=True))
+    else:
+        print(write_dataset(sys.argv[1] if len(sys.argv) > 1 else "examples/data/extract_people.jsonl"))

@@ -29,7 +29,7 @@ class Method(ABC):
     """Its own section of the config (config/schema.py): the method.* keys it reads."""
     init_values: dict[str, Any] = {}
     """Values `tunesmith init` starts a config with (train.lr above all)."""
-    stages: tuple[str, ...] = ("sft", "pretrain")
+    stages: tuple[str, ...] = ("sft", "pretrain", "dpo", "orpo", "simpo")
     """The training stages it supports."""
     packages: tuple[tuple[str, str], ...] = ()
     """(import name, what to pip install) for each package it needs beyond the core install (the config parses
@@ -87,6 +87,12 @@ class Method(ABC):
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def starting_model(self, model: nn.Module):
+        """A context in which `model` computes what it computed before training (a stage's reference, DPO's),
+        or None when the method trains the model's own weights, so a stage that needs the starting model keeps
+        a frozen copy instead."""
+        return None
 
     def load_kwargs(self, device) -> dict:
         """Extra arguments for loading the base model (a quantization config, for QLoRA)."""

@@ -28,6 +28,9 @@ class PeftAdapterMethod(Method):
         except (ValueError, TypeError) as exc:  # peft's message names the layer; say which setting to change
             raise ConfigError(f"method {self.name}: {exc}") from None
 
+    def starting_model(self, model: nn.Module):
+        return model.disable_adapter()  # the base alone: the reference costs no second copy of the weights
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
 

@@ -1,4 +1,4 @@
-"""Optimizers and the learning-rate schedule. `train.optimizer` picks one (optim/build.py).
+"""Optimizers and the learning-rate schedule. `optimizer.name` picks one (optim/build.py).
 
 Optimizers that need the loop's attention declare it with two hooks, no-ops for the others, so the loop
 never asks which optimizer it holds: `begin_step(step)` (BAdam chooses the block a step trains) and

@@ -1,9 +1,9 @@
 """BAdam (Luo et al. 2024, arXiv:2404.02827): block-coordinate descent with AdamW, one decoder layer at a time.
 
 Only the active block has gradients and AdamW moments, so full fine-tuning costs the memory of one layer's
-gradients and moments instead of the whole model's. A block trains for `badam_switch_every` optimizer
+gradients and moments instead of the whole model's. A block trains for `optimizer.switch_every` optimizer
 steps, then the next takes over with fresh moments; a round visits every block once, in
-train.badam_order. Which block is active is a function of the step alone, so a resumed run recomputes it.
+optimizer.order. Which block is active is a function of the step alone, so a resumed run recomputes it.
 
 Written here rather than taken from the `badam` package, which prints, empties the CUDA cache every step
 and keeps its position in the block order only in memory (a resumed run would start the order again).
@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from tunesmith.config.schema import TrainConfig
+from tunesmith.config.schema import BadamOptimizerSection, TrainConfig
 from tunesmith.errors import ConfigError
 from tunesmith.models.layers import decoder_layers
 from tunesmith.optim.groups import param_groups
@@ -50,12 +50,12 @@ class BlockAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, blocks: list[list[tuple[str, nn.Parameter]]], outside: list[nn.Parameter], cfg: TrainConfig,
-                 lr_multiplier: Callable[[str], float] = lambda _: 1.0):
+                 opt: BadamOptimizerSection, lr_multiplier: Callable[[str], float] = lambda _: 1.0):
         groups = param_groups([pair for block in blocks for pair in block], cfg.weight_decay, cfg.lr, lr_multiplier)
         self._group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
         self.blocks = [[p for _, p in block] for block in blocks]
         self.outside = outside
-        self.schedule = (len(blocks), cfg.badam_switch_every, cfg.badam_order, cfg.seed)
+        self.schedule = (len(blocks), opt.switch_every, opt.order, cfg.seed)
         first = active_block(1, *self.schedule)
         for i, group in enumerate(groups):
             group["params"] = self._members(first, i)
@@ -109,10 +109,10 @@ class BlockAdamW(torch.optim.AdamW):
 
 
 def build_block_adamw(model: nn.Module, named_params: list[tuple[str, nn.Parameter]], cfg: TrainConfig,
-                      lr_multiplier: Callable[[str], float] = lambda _: 1.0, log=print) -> BlockAdamW:
+                      opt: BadamOptimizerSection, lr_multiplier: Callable[[str], float] = lambda _: 1.0, log=print) -> BlockAdamW:
     """Blocks: the decoder layers that hold trainable parameters, in layer order. Trainable parameters outside
     them (embeddings, LM head, final norm) stay frozen, the BAdam paper's default."""
-    layer_of = {id(p): i for i, layer in enumerate(decoder_layers(model, "train.optimizer badam")) for p in layer.parameters()}
+    layer_of = {id(p): i for i, layer in enumerate(decoder_layers(model, "optimizer.name badam")) for p in layer.parameters()}
     by_layer: dict[int, list[tuple[str, nn.Parameter]]] = {}
     outside = []
     for name, p in named_params:
@@ -121,14 +121,14 @@ def build_block_adamw(model: nn.Module, named_params: list[tuple[str, nn.Paramet
         else:
             outside.append((name, p))
     if not by_layer:
-        raise ConfigError("train.optimizer badam trains decoder layers one at a time, and no trainable parameter "
+        raise ConfigError("optimizer.name badam trains decoder layers one at a time, and no trainable parameter "
                           "is in a decoder layer; use adamw, or make layers trainable")
     blocks = [by_layer[i] for i in sorted(by_layer)]
-    log(f"badam: {len(blocks)} blocks (decoder layers) take turns, {cfg.badam_switch_every} steps each, "
-        f"in {cfg.badam_order} order")
+    log(f"badam: {len(blocks)} blocks (decoder layers) take turns, {opt.switch_every} steps each, "
+        f"in {opt.order} order")
     if outside:
         names = ", ".join(name for name, _ in outside[:3])
         names += f" and {len(outside) - 3} more" if len(outside) > 3 else ""
         log(f"note: badam keeps the trainable parameters outside the decoder layers frozen ({names}), as the "
             "BAdam paper does")
-    return BlockAdamW(blocks, [p for _, p in outside], cfg, lr_multiplier)
+    return BlockAdamW(blocks, [p for _, p in outside], cfg, opt, lr_multiplier)

@@ -79,7 +79,7 @@ class GaLoreAdafactor(CompactProjectors, galore_torch.GaLoreAdafactor):
 def projected_names(model: nn.Module, named_params: list[tuple[str, nn.Parameter]]) -> set[str]:
     """The trainable weight matrices of the linear modules (attention and MLP) inside the decoder layers.
     Embeddings, the LM head, norms and biases are not projected: they train with the plain optimizer."""
-    matrices = {id(m.weight) for layer in decoder_layers(model, "train.optimizer galore") for m in layer.modules()
+    matrices = {id(m.weight) for layer in decoder_layers(model, "optimizer.name galore") for m in layer.modules()
                 if isinstance(m, (nn.Linear, Conv1D)) and m.weight.ndim == 2}
     return {name for name, p in named_params if id(p) in matrices}
 
@@ -93,7 +93,7 @@ def describe(named_params: list[tuple[str, nn.Parameter]], projected: set[str], 
         return line + " (nothing to project: no trainable weight matrix of a decoder layer's linear modules)"
     unsaved = [s for s in shapes if rank >= min(s)]
     if unsaved:
-        line += (f"; note: galore_rank {rank} is not below the smaller side of {len(unsaved)} of them "
+        line += (f"; note: optimizer.rank {rank} is not below the smaller side of {len(unsaved)} of them "
                  f"(e.g. {unsaved[0][0]}×{unsaved[0][1]}), which therefore save no memory")
     return line
 

@@ -1,5 +1,6 @@
-"""The optimizers `train.optimizer` names, one entry each: how it is built, the packages it needs beyond the
-core install, the train.* settings only it reads (its part of an `init` config), the methods it accepts, and its memory formula for `tunesmith estimate`. Nothing else keeps a list of optimizers."""
+"""The optimizers `optimizer.name` names, one entry each: its config section (its own settings and the methods
+it accepts, in config/schema.py), how it is built, the packages it needs beyond the core install, and its
+memory formula for `tunesmith estimate`. Nothing else keeps a list of optimizers."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from typing import Any, Callable
 import torch
 
 from tunesmith.config.explain import choice
-from tunesmith.config.schema import OPTIMIZER_METHODS, OPTIMIZER_SETTINGS, TrainConfig
+from tunesmith.config.schema import OPTIMIZER_SECTIONS, TrainConfig
 from tunesmith.optim.groups import param_groups
 
 Build = Callable[..., torch.optim.Optimizer]
-"""build(named_params, cfg, lr_multiplier, model, log) -> the optimizer over those parameters."""
+"""build(named_params, train config, optimizer section, lr_multiplier, model, log) -> the optimizer."""
 Memory = Callable[[Any, int], tuple[float, float, str]]
 """memory(plan, trainable) -> (gradient bytes, optimizer-state bytes, what the states are), where `plan` is a
 planning.estimate.Plan (duck-typed: planning sits above this layer)."""
@@ -30,17 +31,21 @@ class Optimizer:
     """GaLore and BAdam work on the model's decoder layers."""
 
     @property
-    def methods(self) -> tuple[str, ...] | None:
-        """The methods it accepts (None: every one); config validation enforces this."""
-        return OPTIMIZER_METHODS.get(self.name)
+    def section(self):
+        """Its config model: `optimizer:` holds these keys when `optimizer.name` is this optimizer."""
+        return OPTIMIZER_SECTIONS[self.name]
 
     @property
-    def settings(self) -> tuple[str, ...]:
-        """The train.* keys only this optimizer reads: what `tunesmith init` adds when it is picked."""
-        return OPTIMIZER_SETTINGS.get(self.name, ())
+    def methods(self) -> tuple[str, ...] | None:
+        """The methods it accepts (None: every one); config validation enforces this."""
+        return self.section.methods
+
+    def fields(self) -> list[str]:
+        """Its own optimizer.* keys: what `tunesmith init` adds when it is picked."""
+        return [k for k in self.section.model_fields if k != "name"]
 
     def explanation(self) -> dict[str, str]:
-        return choice("train.optimizer", self.name)
+        return choice("optimizer.name", self.name)
 
 
 BNB = ("bitsandbytes", "pip install 'bitsandbytes>=0.49' (or tunesmith[qlora])")
@@ -54,13 +59,13 @@ def _groups(named_params, cfg: TrainConfig, lr_multiplier) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- builders
 
 
-def _adamw(named_params, cfg, lr_multiplier, model, log):
+def _adamw(named_params, cfg, opt, lr_multiplier, model, log):
     return torch.optim.AdamW(_groups(named_params, cfg, lr_multiplier), lr=cfg.lr, betas=cfg.adam_betas,
                              eps=cfg.adam_eps)
 
 
 def _adamw_8bit(paged: bool) -> Build:
-    def build(named_params, cfg, lr_multiplier, model, log):
+    def build(named_params, cfg, opt, lr_multiplier, model, log):
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
@@ -68,7 +73,7 @@ def _adamw_8bit(paged: bool) -> Build:
     return build
 
 
-def _adafactor(named_params, cfg, lr_multiplier, model, log):
+def _adafactor(named_params, cfg, opt, lr_multiplier, model, log):
     from transformers.optimization import Adafactor
 
     # train.lr and the schedule drive it, as for the others (not Adafactor's own relative step size).
@@ -76,18 +81,18 @@ def _adafactor(named_params, cfg, lr_multiplier, model, log):
                      relative_step=False, warmup_init=False)
 
 
-def _sgd(named_params, cfg, lr_multiplier, model, log):
-    return torch.optim.SGD(_groups(named_params, cfg, lr_multiplier), lr=cfg.lr, momentum=cfg.momentum)
+def _sgd(named_params, cfg, opt, lr_multiplier, model, log):
+    return torch.optim.SGD(_groups(named_params, cfg, lr_multiplier), lr=cfg.lr, momentum=opt.momentum)
 
 
 def _galore(kind: str) -> Build:
-    def build(named_params, cfg, lr_multiplier, model, log):
+    def build(named_params, cfg, opt, lr_multiplier, model, log):
         from tunesmith.optim import galore
 
         projected = galore.projected_names(model, named_params)
-        projection = {"rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_interval,
-                      "scale": cfg.galore_scale, "proj_type": cfg.galore_proj_type}
-        log(galore.describe(named_params, projected, cfg.galore_rank, cfg.galore_update_interval))
+        projection = {"rank": opt.rank, "update_proj_gap": opt.update_interval, "scale": opt.scale,
+                      "proj_type": opt.proj_type}
+        log(galore.describe(named_params, projected, opt.rank, opt.update_interval))
         groups = param_groups(named_params, cfg.weight_decay, cfg.lr, lr_multiplier, projected, projection)
         if kind == "adafactor":
             return galore.GaLoreAdafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False,
@@ -99,10 +104,10 @@ def _galore(kind: str) -> Build:
     return build
 
 
-def _badam(named_params, cfg, lr_multiplier, model, log):
+def _badam(named_params, cfg, opt, lr_multiplier, model, log):
     from tunesmith.optim.block_coordinate import build_block_adamw
 
-    return build_block_adamw(model, named_params, cfg, lr_multiplier, log)
+    return build_block_adamw(model, named_params, cfg, opt, lr_multiplier, log)
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -16,6 +16,7 @@ from typing import Literal
 
 from tunesmith.methods import METHODS
 from tunesmith.optim.registry import OPTIMIZERS
+from tunesmith.stages import STAGES
 
 GiB = 2**30
 # A frozen base with small trained add-ons (the methods whose saves_base_weights is False).
@@ -197,7 +198,10 @@ class Plan:
     """prompt / prefix tuning: learned positions."""
     bf16_frozen_weights: bool = True
     optimizer: str = "adamw"
-    """train.optimizer: what the optimizer keeps per trained weight (and, for badam, how many train at once)."""
+    """optimizer.name: what the optimizer keeps per trained weight (and, for badam, how many train at once)."""
+    stage: str = "sft"
+    """stage.name: what the stage keeps beside the model (DPO's reference copy); micro_batch counts model rows,
+    two per preference pair."""
     galore_rank: int = 128
     labelled_share: float = 1.0
     """Share of tokens that carry a label (the LM head runs only there); 1.0 is the worst case."""
@@ -337,6 +341,9 @@ def estimate_memory(plan: Plan, suggest: bool = True, offer_qlora: bool = True) 
         base += trainable * 4
         note += f"; {trainable:,} adapter weights in fp32"
     parts.append(Part("weights", base, note))
+    for name, nbytes, what in STAGES[plan.stage].extra_memory(plan):
+        parts.append(Part(name, nbytes, what))
+        base += nbytes  # held all run long, like the weights
 
     # bf16 copies autocast makes of fp32 weights and keeps for the backward pass
     copies = 0.0
@@ -421,7 +428,7 @@ def fit_suggestions(plan: Plan, offer_qlora: bool = True) -> list[str]:
                                  ("galore", "optimizer states at low rank"),
                                  ("badam", "one layer trains at a time")):
             if fits(replace(plan, optimizer=optimizer)):
-                out.append(f"train.optimizer: {optimizer} ({label})")
+                out.append(f"optimizer.name: {optimizer} ({label})")
                 break
     if plan.method in ("full", "freeze") and fits(replace(plan, method="lora")):
         out.append("method.name: lora (trains ~1 % of the weights, usually close in quality)")

@@ -21,13 +21,11 @@ from tunesmith.stages import STAGES
 COMMON = {"train.warmup_steps": 10, "eval.interval": 50, "checkpoint.interval": 100}
 
 
-def _belongs(path: str, method, optimizer) -> bool:
-    """Keys of one method or one optimizer appear only in configs that use it."""
+def _belongs(path: str, method, optimizer, stage) -> bool:
+    """Keys of one method, optimizer or stage appear only in configs that use it."""
     head, key = path.split(".", 1)
-    if head == "method" and key != "name":
-        return key in method.fields()
-    owners = [o for o in OPTIMIZERS.values() if key in o.settings] if head == "train" else []
-    return not owners or optimizer in owners
+    own = {"method": method.fields, "optimizer": optimizer.fields, "stage": stage.fields}.get(head)
+    return own is None or key == "name" or key in own()
 
 
 def _scalar(value: Any) -> str:
@@ -45,18 +43,18 @@ def init_config(model: str, method: str, train_file: str, output_dir: str = "run
                                  ("stage", stage, STAGES)):
         if name not in registry:
             raise ValueError(f"{what} must be one of {', '.join(registry)}")
-    entry, opt = METHODS[method], OPTIMIZERS[optimizer]
+    entry, opt, stage_entry = METHODS[method], OPTIMIZERS[optimizer], STAGES[stage]
     values = {path: info.default for path, info in config_fields().items()}
     values.update({"model.name_or_path": model, "method.name": method, "data.train_file": train_file,
-                   "train.optimizer": optimizer, "stage.name": stage, "output.dir": output_dir, **COMMON,
-                   **entry.init_values, **STAGES[stage].init_values})
+                   "optimizer.name": optimizer, "stage.name": stage, "output.dir": output_dir, **COMMON,
+                   **entry.init_values, **stage_entry.init_values})
     lines = [f"# tunesmith config: {model}, method {method}" + (f", stage {stage}" if stage != "sft" else "")
              + (f", optimizer {optimizer}" if optimizer != "adamw" else "") + ".",
              "# Each key's meaning is above it; `tunesmith explain KEY` says more (typical values, what goes",
              "# wrong when it is too high or too low)."]
     section = None
     for path, value in values.items():
-        if not _belongs(path, entry, opt):
+        if not _belongs(path, entry, opt, stage_entry):
             continue
         head, key = path.split(".", 1)
         if head != section:

@@ -17,6 +17,7 @@ from tunesmith.planning.doctor import Finding
 from tunesmith.planning.speed import duration
 from tunesmith.methods import METHODS
 from tunesmith.optim.registry import OPTIMIZERS
+from tunesmith.stages import STAGES
 from tunesmith.planning.estimate import (CUDA_RUNTIME, ModelShape, Plan, estimate_memory, gib,
                                          parse_size, shape_from_model, shape_from_params, trainable_params)
 
@@ -76,13 +77,14 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
         seq = min(seq, max(train.lengths))
         share = train.trained_tokens / max(sum(train.lengths), 1) if cfg.train.logits_at_labels_only else 1.0
     return Plan(shape, method=cfg.method.name, precision="bf16" if machine.precision == "bf16" else "fp32",
-                micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum_steps, seq=seq,
+                micro_batch=cfg.train.micro_batch_size * STAGES[cfg.stage.name].rows_per_item,
+                grad_accum=cfg.train.grad_accum_steps, seq=seq, stage=cfg.stage.name,
                 device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 **{plan_key: getattr(cfg.method, key) for plan_key, key in PLAN_KEYS.items()
                    if hasattr(cfg.method, key)},
-                bf16_frozen_weights=cfg.train.bf16_frozen_weights, optimizer=cfg.train.optimizer,
-                galore_rank=cfg.train.galore_rank,
+                bf16_frozen_weights=cfg.train.bf16_frozen_weights, optimizer=cfg.optimizer.name,
+                galore_rank=getattr(cfg.optimizer, "rank", Plan.galore_rank),
                 labelled_share=share)
 
 
@@ -299,17 +301,17 @@ def method_fits_model(cfg: Config, shape: ModelShape | None) -> list[Finding]:
 
 def block_turns(cfg: Config, steps: int, shape: ModelShape | None) -> list[Finding]:
     """BAdam trains one layer at a time: a run shorter than a round leaves some layers untrained."""
-    if cfg.train.optimizer != "badam" or shape is None:
+    if cfg.optimizer.name != "badam" or shape is None:
         return []
     layers = shape.layers if cfg.method.name == "full" else min(cfg.method.trainable_layers, shape.layers)
-    every = cfg.train.badam_switch_every
+    every = cfg.optimizer.switch_every
     if steps >= layers * every:
         return []
     turns = -(-steps // every)
-    return [Finding("warning", "train.badam_switch_every",
+    return [Finding("warning", "optimizer.switch_every",
                     f"badam gives each of {layers} layers {every} steps in turn, but the run has {steps} steps: only "
                     f"{turns} of them will train",
-                    f"train.badam_switch_every: {max(steps // max(layers, 1), 1)} (every layer gets a turn), or "
+                    f"optimizer.switch_every: {max(steps // max(layers, 1), 1)} (every layer gets a turn), or "
                     "more steps")]
 
 
@@ -318,7 +320,7 @@ def packages(cfg: Config) -> list[Finding]:
     import importlib.util
 
     wanted = [(f"method {cfg.method.name}", *p) for p in METHODS[cfg.method.name].packages]
-    wanted += [(f"train.optimizer {cfg.train.optimizer}", *p) for p in OPTIMIZERS[cfg.train.optimizer].packages]
+    wanted += [(f"optimizer.name {cfg.optimizer.name}", *p) for p in OPTIMIZERS[cfg.optimizer.name].packages]
     return [Finding("error", "packages", f"{who} needs {name}, which is not installed", install)
             for who, name, install in wanted if importlib.util.find_spec(name) is None]
 

@@ -211,7 +211,7 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
         inner = {key: get(f"{prefix}.{key}") for key in marker["__nested__"]}
         if "__galore_projector__" in marker:
             if projector_from_state is None:
-                raise CheckpointError("this checkpoint holds GaLore projectors and train.optimizer is not a "
+                raise CheckpointError("this checkpoint holds GaLore projectors and optimizer.name is not a "
                                       "galore optimizer")
             return projector_from_state(marker["__galore_projector__"],
                                         _basis(inner["ortho_matrix"], marker.get("strides")))
@@ -335,8 +335,8 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
         "stage.name": cfg.stage.name,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.optimizer": cfg.train.optimizer,
-        **optimizer_settings(cfg.train),
+        "optimizer.name": cfg.optimizer.name,
+        **optimizer_settings(cfg.optimizer),
         "train.seed": cfg.train.seed,
         "train.group_by_length": cfg.train.group_by_length,
         "data.seed": cfg.data.seed,
@@ -346,18 +346,27 @@ def fingerprint(cfg, data_hashes: dict[str, str | None]) -> dict[str, Any]:
     }
 
 
-def optimizer_settings(tc) -> dict[str, Any]:
+def optimizer_settings(section) -> dict[str, Any]:
     """The settings of GaLore or BAdam, which decide what the optimizer state means (none for the others, so
     checkpoints from before these optimizers still resume)."""
-    prefix = "galore_" if tc.optimizer.startswith("galore") else "badam_" if tc.optimizer == "badam" else None
-    return {f"train.{key}": value for key, value in tc.model_dump(mode="json").items()
-            if prefix and key.startswith(prefix)}
+    if not section.state_settings:
+        return {}
+    return {f"optimizer.{key}": value for key, value in section.model_dump(mode="json").items() if key != "name"}
+
+
+def _renamed(saved: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint written before the optimizer had a section names its keys train.optimizer, train.galore_rank."""
+    from tunesmith.config.schema import OPTIMIZER_SECTIONS
+
+    flat = {f"train.{old}": f"optimizer.{new}" for c in OPTIMIZER_SECTIONS.values() for old, new in c.flat_keys.items()}
+    flat["train.optimizer"] = "optimizer.name"
+    return {flat.get(key, key): value for key, value in saved.items()}
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], force: bool) -> list[str]:
     """The fields that changed; an error unless `force`, in which case they are returned as warnings."""
     # Checkpoints from before the optimizer and the stage were choices trained with adamw, as sft.
-    saved = {"train.optimizer": "adamw", "stage.name": "sft", **saved}
+    saved = {"optimizer.name": "adamw", "stage.name": "sft", **_renamed(saved)}
     if isinstance(saved.get("method"), dict) and isinstance(current.get("method"), dict):
         # Before each method had a section of its own, every method's keys were saved: compare this method's.
         saved["method"] = {key: saved["method"].get(key) for key in current["method"]}

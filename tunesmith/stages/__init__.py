@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from tunesmith.config.schema import Config
 from tunesmith.stages.base import Stage
+from tunesmith.stages.preference import DpoStage, OrpoStage, SimpoStage
 from tunesmith.stages.pretrain import PretrainStage
 from tunesmith.stages.sft import SftStage
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (SftStage, PretrainStage)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (SftStage, PretrainStage, DpoStage, OrpoStage, SimpoStage)}
 
 
 def get_stage(cfg: Config) -> Stage:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from tunesmith.config.explain import choice
-from tunesmith.config.schema import Config, StageConfig
+from tunesmith.config.schema import STAGE_SECTIONS, Config, Section
 from tunesmith.data.formats import FORMATS
 
 
@@ -28,11 +28,23 @@ class Stage(ABC):
     """Whether micro-batches may be packed (rows end to end): only where rows are scored independently."""
     init_values: dict[str, Any] = {}
     """Values `tunesmith init` writes for it beyond stage.name."""
+    rows_per_item: int = 1
+    """Model rows per training item: 2 for a preference pair (chosen and rejected in one batch)."""
 
     @classmethod
     def explanation(cls) -> dict[str, str]:
         """Its label and meaning (explanations.yaml, choices.stage.name)."""
         return choice("stage.name", cls.name)
+
+    @classmethod
+    def section(cls) -> type[Section]:
+        """Its config model: `stage:` holds these keys when `stage.name` is this stage."""
+        return STAGE_SECTIONS[cls.name]
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        """Its own stage.* keys (beyond name): what `tunesmith init` writes for it."""
+        return [k for k in cls.section().model_fields if k != "name"]
 
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:
@@ -40,7 +52,7 @@ class Stage(ABC):
         generations, a value head. `plan` is a planning.estimate.Plan (duck-typed)."""
         return []
 
-    def __init__(self, cfg: StageConfig, run: Config):
+    def __init__(self, cfg: Section, run: Config):
         self.cfg, self.run = cfg, run
 
     @classmethod
@@ -71,6 +83,10 @@ class Stage(ABC):
     def evaluate(self, model: torch.nn.Module, rows: Sequence[Any], batch_size: int, pad_id: int, precision: str,
                  max_batches: int | None) -> dict[str, float]:
         """Held-out metrics (at least val_loss) over `rows`."""
+
+    def prepare(self, model, method, data, device, precision: str, pad_id: int) -> None:
+        """Once the model is built and placed, before the optimizer and any resume: what the stage keeps beside
+        the model (DPO's reference). It may replace data.train or data.val by views of them."""
 
     def step_metrics(self, rows: Sequence[Any]) -> dict[str, float]:
         """Numbers of one step for metrics.jsonl besides loss, lr and timing."""

@@ -56,6 +56,25 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], labels_only: bool = Tr
     return F.cross_entropy(logits.float(), targets[scored], reduction="sum"), n
 
 
+def sequence_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of each row's label-token log-probabilities, its label-token count), for a padded batch: the score
+    preference stages compare. The same two paths as token_loss_sum."""
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE
+    virtual = virtual_tokens(model)
+    lm = causal_lm(model)
+    if not labels_only or virtual is not None or getattr(lm.config, "final_logit_softcapping", None):
+        logits = model(**model_inputs(batch)).logits[:, (virtual or 0):-1][scored]
+    else:
+        hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state
+        logits = lm.get_output_embeddings()(hidden[:, :-1][scored])
+    token_logps = -F.cross_entropy(logits.float(), targets[scored], reduction="none")
+    rows = scored.nonzero()[:, 0]
+    sums = torch.zeros(len(targets), dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
+    return sums, scored.sum(1)
+
+
 @torch.no_grad()
 def mean_loss(model, data: list[Tokenized], batch_size: int, pad_id: int, precision: str = "fp32",
               max_batches: int | None = None) -> tuple[float, int]:

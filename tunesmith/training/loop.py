@@ -137,7 +137,7 @@ def accumulate(s: Session, rows: list, note: Callable[[str], None]) -> tuple[flo
                 torch.cuda.empty_cache()
             if not s.cfg.train.auto_micro_batch or micro == 1:
                 raise TunesmithError(f"out of memory with micro-batches of {micro} rows (longest row "
-                                     f"{max(len(r.input_ids) for r in rows)} tokens). {OOM_ADVICE}") from None
+                                     f"{max(len(r) for r in rows)} tokens). {OOM_ADVICE}") from None
             micro = max(1, micro // 2)
             note(f"out of memory: retrying this step with micro-batches of {micro} rows "
                  "(same rows per optimizer step, so the training is unchanged)")

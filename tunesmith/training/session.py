@@ -212,11 +212,12 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
     model = method.build(base)
     packed = apply_speed_switches(model, method, tc, precision, log, stage)
     method.place(model, device)
+    stage.prepare(model, method, data, device, precision, tokenizer.pad_token_id)  # DPO's reference
     params = method.trainable_parameters(model)
     log(f"method {method.name}: {describe_counts(model)}")
 
     steps = total_steps(cfg, len(data.train))
-    optimizer = build_optimizer(params, tc, method.lr_multiplier, model, log)
+    optimizer = build_optimizer(params, tc, method.lr_multiplier, model, log, cfg.optimizer)
     scheduler = build_scheduler(optimizer, steps, tc)
     stream = RowStream(len(data.train), tc.seed, lengths=data.train_lengths if tc.group_by_length else None,
                        group=tc.micro_batch_size * tc.grad_accum_steps)
