@@ -191,7 +191,8 @@ def test_init_writes_each_entrys_keys_and_only_those(tmp_path):
                                    "proj_type": "std"}
     assert yaml.safe_load(init_config("m", "full", "d.jsonl"))["optimizer"] == {"name": "adamw"}
     pretrain = yaml.safe_load(init_config("m", "lora", "d.jsonl", stage="pretrain"))
-    assert pretrain["stage"] == {"name": "pretrain"} and pretrain["data"]["format"] == "text"
+    assert pretrain["stage"] == {"name": "pretrain", "cross_document_attention": False}
+    assert pretrain["data"]["format"] == "text"
 
 
 def test_the_readme_tables_are_the_registrys():

@@ -240,9 +240,11 @@ class SftStageSection(Section):
 
 
 class PretrainStageSection(Section):
-    """pretrain: continue pre-training on raw text rows."""
+    """pretrain: continue pre-training on raw text, cut into blocks of data.max_seq_length tokens."""
 
     name: Literal["pretrain"] = "pretrain"
+    cross_document_attention: bool = False
+    """Let a block's tokens attend across the document boundaries inside it (classic GPT-style packing)."""
 
 
 class DpoStageSection(Section):

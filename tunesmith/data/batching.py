@@ -35,9 +35,17 @@ def pack(items: list[Tokenized]) -> dict[str, torch.Tensor]:
     labels = np.concatenate([np.asarray(x.labels, dtype=np.int64) for x in items])
     starts = np.cumsum([0] + [len(x.input_ids) for x in items[:-1]])
     labels[starts] = IGNORE
-    positions = np.concatenate([np.arange(len(x.input_ids)) for x in items])
+    # A pre-training block may hold several documents (Tokenized.starts): positions restart at each of them too.
+    positions = np.concatenate([_positions(len(x.input_ids), x.starts) for x in items])
     return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None],
             "position_ids": torch.from_numpy(positions)[None]}
+
+
+def _positions(n: int, starts) -> np.ndarray:
+    positions = np.arange(n)
+    for start in starts:
+        positions[start:] -= positions[start]
+    return positions
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -102,6 +110,6 @@ def micro_batches(rows: list[Tokenized], size: int, pad_id: int, packed: bool = 
     return [pack(c) if packed else collate(c, pad_id) for c in chunks]
 
 
-def eval_batches(data: list[Tokenized], size: int, pad_id: int) -> Iterator[dict]:
+def eval_batches(data: list[Tokenized], size: int, pad_id: int, packed: bool = False) -> Iterator[dict]:
     for start in range(0, len(data), size):
-        yield collate(data[start:start + size], pad_id)
+        yield pack(data[start:start + size]) if packed else collate(data[start:start + size], pad_id)

@@ -41,11 +41,15 @@ class SplitReport:
     raw_lengths: array = field(default_factory=lambda: array("i"))
     """Token counts of every rendered row before max_seq_length applies (what a longer limit would keep)."""
     trained_tokens: int = 0
+    blocks: bool = False
+    """Pre-training blocks: `rows` counts documents and `kept` the blocks they were cut into."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rows": self.rows, "kept": self.kept, "truncated": self.truncated,
                                "dropped": dict(self.dropped), "trained_tokens": self.trained_tokens,
                                "tokens": int(sum(self.lengths))}
+        if self.blocks:
+            out.update(documents=self.rows, blocks=self.kept)
         if self.lengths:
             p = np.percentile(self.lengths, [50, 90, 99])
             out["length"] = {"min": int(min(self.lengths)), "p50": int(p[0]), "p90": int(p[1]),
@@ -98,10 +102,14 @@ class DataReport:
             lines.append("  " + self.checks.to_text())
         for name, s in self.splits.items():
             d = s.to_dict()
-            line = f"  {name:<5} rows {s.rows:>6}  kept {s.kept:>6}  truncated {s.truncated:>5}"
-            drops = ", ".join(f"{n} {why}" for why, n in s.dropped.items())
-            line += f"  dropped {sum(s.dropped.values()):>5}" + (f" ({drops})" if drops else "")
-            lines.append(line)
+            if s.blocks:
+                lines.append(f"  {name:<5} documents {s.rows:>6}  blocks {s.kept:>6} of up to {self.max_seq_length} "
+                             f"tokens  tokens {d['tokens']:,}  (long documents are split, never cut)")
+            else:
+                line = f"  {name:<5} rows {s.rows:>6}  kept {s.kept:>6}  truncated {s.truncated:>5}"
+                drops = ", ".join(f"{n} {why}" for why, n in s.dropped.items())
+                line += f"  dropped {sum(s.dropped.values()):>5}" + (f" ({drops})" if drops else "")
+                lines.append(line)
             if "length" in d:
                 L = d["length"]
                 lines.append(f"        tokens/row p50 {L['p50']}  p90 {L['p90']}  p99 {L['p99']}  max {L['max']}"
@@ -222,11 +230,55 @@ def tokenize_split(name: str, examples: list[Example], tokenizer, cfg: DataConfi
     return out, report
 
 
+class BlockCutter:
+    """Documents end to end, each ending in EOS, cut into blocks of `size` tokens: a long document is split
+    across blocks, never cut short or dropped; only the last block may be shorter. With `isolated`, a block
+    records where documents start inside it (attention and position ids restart there), and the first token
+    of such a document is not a target: it would be predicted from the end of another document."""
+
+    def __init__(self, size: int, sink, report: SplitReport, isolated: bool):
+        self.size, self.sink, self.report, self.isolated = size, sink, report, isolated
+        self._ids: list[int] = []
+        self._starts: list[int] = []
+        report.blocks = True
+
+    def add(self, example: Example, tokenizer) -> None:
+        ids, _ = render(tokenizer, example)  # the document's ids with EOS at the end
+        self.report.rows += 1
+        self.report.raw_lengths.append(len(ids))
+        self._starts.append(len(self._ids))
+        self._ids.extend(ids)
+        while len(self._ids) >= self.size:
+            self._emit(self.size)
+
+    def close(self) -> None:
+        if self._ids:
+            self._emit(len(self._ids))
+
+    def _emit(self, n: int) -> None:
+        ids, labels = self._ids[:n], list(self._ids[:n])
+        starts = [s for s in self._starts if 0 < s < n] if self.isolated else []
+        for s in starts:
+            labels[s] = IGNORE
+        item = Tokenized(ids, labels, tuple(starts))
+        if isinstance(self.sink, list):
+            self.sink.append(item)
+        else:
+            self.sink.append(ids, labels, starts)
+        self.report.kept += 1
+        self.report.lengths.append(n)
+        self.report.trained_tokens += item.n_targets
+        self._ids = self._ids[n:]
+        self._starts = [s - n for s in self._starts if s >= n]
+
+
 TRAIN, VAL, TEST, REMOVED = 0, 1, 2, 3
 
 
-def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> PreparedData:
-    """Everything `tunesmith prepare` shows and `train` consumes. The tokenizer must carry the run's template."""
+def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None, blocks: str | None = None) -> PreparedData:
+    """Everything `tunesmith prepare` shows and `train` consumes. The tokenizer must carry the run's template.
+    `blocks` ("isolated" or "joined": may documents attend to each other) cuts text rows into pre-training
+    blocks of data.max_seq_length tokens instead of keeping one row per example."""
     assert cfg.train_file is not None
     owner = None if work_dir else tempfile.TemporaryDirectory(prefix="tunesmith-data-")
     work_dir = Path(work_dir or owner.name)
@@ -266,6 +318,9 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> Pr
     reports = {name: SplitReport(name=name) for name in ("train", "val", "test")}
     train = TokenStore(work_dir / "tokens", "train")
     val: list[Tokenized] = []
+    blocks = blocks if fmt == "text" else None  # other rows are kept whole; the stage then refuses them
+    cutters = {"train": BlockCutter(cfg.max_seq_length, train, reports["train"], blocks == "isolated"),
+               "val": BlockCutter(cfg.max_seq_length, val, reports["val"], blocks == "isolated")} if blocks else {}
     test_examples: list[Example] = [ex for _, ex in test_pairs]
     (work_dir / "splits").mkdir(parents=True, exist_ok=True)
     files = {name: (work_dir / "splits" / f"{name}.jsonl").open("w", encoding="utf-8")
@@ -276,7 +331,10 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> Pr
                 files[name].write(json.dumps(row.data, ensure_ascii=False) + "\n")
         for (row, ex), where in zip(iter_examples(cfg.train_file, cfg, fmt, []), assign):
             if where == TRAIN:
-                tokenize_into(train, reports["train"], ex, tokenizer, cfg)
+                if cutters:
+                    cutters["train"].add(ex, tokenizer)
+                else:
+                    tokenize_into(train, reports["train"], ex, tokenizer, cfg)
             elif where == VAL:
                 val_pairs.append((row, ex))
             elif where == TEST:
@@ -286,13 +344,26 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None) -> Pr
     finally:
         for f in files.values():
             f.close()
+    if cutters:
+        cutters["train"].close()
     train.close()
     if FORMATS[fmt].paired:
         train = PairStore(train)
     for _, ex in val_pairs:
-        tokenize_into(val, reports["val"], ex, tokenizer, cfg)
-    for ex in test_examples:
-        tokenize_into([], reports["test"], ex, tokenizer, cfg)  # counted for the report; eval renders its own
+        if cutters:
+            cutters["val"].add(ex, tokenizer)
+        else:
+            tokenize_into(val, reports["val"], ex, tokenizer, cfg)
+    if cutters:
+        cutters["val"].close()
+    counter = BlockCutter(cfg.max_seq_length, [], reports["test"], blocks == "isolated") if blocks else None
+    for ex in test_examples:  # counted for the report; eval renders its own
+        if counter:
+            counter.add(ex, tokenizer)
+        else:
+            tokenize_into([], reports["test"], ex, tokenizer, cfg)
+    if counter:
+        counter.close()
     if not reports["test"].rows:
         del reports["test"]
     report = DataReport(fmt, cfg.max_seq_length, cfg.overlong, reports, skipped, checks)
@@ -323,4 +394,7 @@ def load_data_and_tokenizer(cfg: Config):
     source = resolve(cfg.model.name_or_path, cfg.model.gguf_file)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.revision)
     install_template(tokenizer, resolve_template(cfg.data.template, tokenizer))
-    return source, tokenizer, prepare_data(cfg.data, tokenizer)
+    # A stage that trains on documents (pretrain) says whether they may attend to each other inside a block.
+    joined = getattr(cfg.stage, "cross_document_attention", None)
+    blocks = None if joined is None else "joined" if joined else "isolated"
+    return source, tokenizer, prepare_data(cfg.data, tokenizer, blocks=blocks)

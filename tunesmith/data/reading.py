@@ -25,6 +25,8 @@ class ReadResult:
 
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".npy", ".npz")
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+"""Plain documents: each file is one text row (for continued pre-training); a folder gives all of its own."""
 
 
 class BadRow(DataError):
@@ -66,8 +68,11 @@ def iter_rows(path: str | Path, on_bad_row: str = "error", skipped: list[str] | 
     BadRow, or with `on_bad_row="skip"` are appended to `skipped` and left out.
     """
     path = Path(path)
-    _check_file(path)
     skipped = skipped if skipped is not None else []
+    if path.is_dir() or path.suffix.lower() in TEXT_SUFFIXES:
+        yield from _read_documents(path, on_bad_row, skipped)
+        return
+    _check_file(path)
     if _is_json_array(path):  # one JSON document has to be parsed whole; large data belongs in JSONL
         yield from _read_json_array(path, on_bad_row, skipped)
         return
@@ -82,6 +87,30 @@ def iter_rows(path: str | Path, on_bad_row: str = "error", skipped: list[str] | 
                 yield row
     if not any_content:
         raise DataError(f"{path}: the file is empty")
+
+
+def document_files(path: Path) -> list[Path]:
+    """The documents a text file or a folder holds, in a fixed order (sorted paths, sub-folders included)."""
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"{path} is a folder with no {'/'.join(TEXT_SUFFIXES)} files; data.train_file names a "
+                        ".json or .jsonl file, a text document, or a folder of them")
+    return files
+
+
+def _read_documents(path: Path, on_bad_row: str, skipped: list[str]) -> Iterator[Row]:
+    for file in document_files(path):
+        raw = file.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _bad(skipped, on_bad_row, _utf8_error(file, raw, exc))
+            continue
+        yield Row({"text": text}, str(file))
 
 
 def read_rows(path: str | Path, on_bad_row: str = "error") -> ReadResult:

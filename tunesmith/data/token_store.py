@@ -25,6 +25,9 @@ class Tokenized:
 
     input_ids: Sequence[int]
     labels: Sequence[int]
+    starts: Sequence[int] = ()
+    """Positions after 0 where another document starts (a pre-training block that holds several): attention
+    and position ids restart there unless documents may attend to each other."""
 
     @property
     def n_targets(self) -> int:
@@ -66,9 +69,13 @@ class TokenStore(Sequence):
         self._ids: np.ndarray | None = None
         self._mask: np.ndarray | None = None
 
-    def append(self, ids: Sequence[int], labels: Sequence[int]) -> None:
+    def append(self, ids: Sequence[int], labels: Sequence[int], starts: Sequence[int] = ()) -> None:
+        # One byte per token: bit 0 = trained, bit 1 = a document starts here.
+        first = len(self._mask_buf)
         self._ids_buf.extend(ids)
         self._mask_buf.extend(1 if lab != IGNORE else 0 for lab in labels)
+        for start in starts:
+            self._mask_buf[first + start] |= 2
         self._offsets.append(self._offsets[-1] + len(ids))
         if len(self._ids_buf) >= _FLUSH_TOKENS:
             self._flush()
@@ -111,8 +118,10 @@ class TokenStore(Sequence):
             raise RuntimeError("TokenStore: call close() before reading")
         start, end = self._offsets[i], self._offsets[i + 1]
         ids = np.asarray(self._ids[start:end], dtype=np.int64)
-        labels = np.where(self._mask[start:end].astype(bool), ids, IGNORE)
-        return Tokenized(ids, labels)
+        mask = self._mask[start:end]
+        labels = np.where(mask & 1, ids, IGNORE)
+        starts = np.flatnonzero(mask & 2)
+        return Tokenized(ids, labels, tuple(int(s) for s in starts) if len(starts) else ())
 
 
 class PairStore(Sequence):

@@ -7,13 +7,35 @@ from pathlib import Path
 from typing import Any
 
 
+import torch
+
+from tunesmith.data.batching import collate
 from tunesmith.data.pipeline import load_examples, tokenize_split
+from tunesmith.data.token_store import Pair
 from tunesmith.inference.generate import Sampling, generate_batch
-from tunesmith.stages.tokens import mean_loss
+from tunesmith.stages.tokens import mean_loss, sequence_logps
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+@torch.no_grad()
+def pairwise(model, pairs: list[Pair], batch_size: int, pad_id: int) -> dict[str, float]:
+    """Share of pairs whose chosen reply has the higher summed log-probability, and the mean difference."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    wins, margins = 0, 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        batch = collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
+        logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
+        chosen, rejected = logps.chunk(2)
+        wins += int((chosen > rejected).sum())
+        margins += float((chosen - rejected).sum())
+    model.train(was_training)
+    return {"pairwise_accuracy": wins / max(len(pairs), 1), "logp_margin": margins / max(len(pairs), 1)}
 
 
 def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int | None = None,
@@ -30,9 +52,15 @@ def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch
     _, pairs = load_examples(str(data_file), cfg, cfg.format if loaded.config else None, [])
     examples = [ex for _, ex in pairs][:limit]
     tokenized, report = tokenize_split("eval", examples, loaded.tokenizer, cfg)
-    loss, n_tokens = mean_loss(loaded.model, tokenized, batch_size, loaded.tokenizer.pad_token_id)
+    paired = bool(tokenized) and isinstance(tokenized[0], Pair)
+    # Preference pairs: the loss and perplexity are the chosen replies'; pairwise accuracy says how often the
+    # model gives the chosen reply a higher log-probability than the rejected one.
+    scored = [p.chosen for p in tokenized] if paired else tokenized
+    loss, n_tokens = mean_loss(loaded.model, scored, batch_size, loaded.tokenizer.pad_token_id)
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if loss == loss else float("nan"),
                               "tokens": n_tokens, "n": len(examples), "scored_rows": report.kept}
+    if paired:
+        result.update(pairwise(loaded.model, tokenized, batch_size, loaded.tokenizer.pad_token_id))
     chats = [ex for ex in examples if ex.messages is not None]
     if chats:
         preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in chats],

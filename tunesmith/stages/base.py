@@ -28,6 +28,8 @@ class Stage(ABC):
     """Whether micro-batches may be packed (rows end to end): only where rows are scored independently."""
     init_values: dict[str, Any] = {}
     """Values `tunesmith init` writes for it beyond stage.name."""
+    needs_packed_attention: bool = False
+    """Its batches are packed rows whatever train.packing says (pre-training blocks of several documents)."""
     rows_per_item: int = 1
     """Model rows per training item: 2 for a preference pair (chosen and rejected in one batch)."""
 

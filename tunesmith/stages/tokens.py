@@ -77,13 +77,13 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = Tr
 
 @torch.no_grad()
 def mean_loss(model, data: list[Tokenized], batch_size: int, pad_id: int, precision: str = "fp32",
-              max_batches: int | None = None) -> tuple[float, int]:
+              max_batches: int | None = None, packed: bool = False) -> tuple[float, int]:
     """Mean loss per label token over `data` (token-weighted, like training) and the token count."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i, batch in enumerate(eval_batches(data, batch_size, pad_id)):
+    for i, batch in enumerate(eval_batches(data, batch_size, pad_id, packed)):
         if max_batches is not None and i >= max_batches:
             break
         with autocast(device, precision):

@@ -8,7 +8,6 @@ TrainingStopped. SIGTERM and SIGINT go through the same request (training/interr
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -157,7 +156,13 @@ class ProgressBar:
                                      tok_s=f"{self.seen_tokens / (time.perf_counter() - self.started):.0f}")
         elif isinstance(event, Eval):
             loss = event.metrics.get("val_loss", float("nan"))
-            write(f"step {event.step}: val_loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.2f}")
+            line = f"step {event.step}: val_loss {loss:.4f}"
+            if "val_perplexity" in event.metrics:  # a preference loss has no perplexity
+                line += f"  perplexity {event.metrics['val_perplexity']:.2f}"
+            if "val_rewards/accuracy" in event.metrics:
+                line += (f"  reward accuracy {event.metrics['val_rewards/accuracy']:.1%}  margin "
+                         f"{event.metrics['val_rewards/margin']:.3f}")
+            write(line)
         elif isinstance(event, Note):
             write(event.text)
 

@@ -5,6 +5,7 @@ switches, optimizer, schedule, and (on resume) the exact state of a checkpoint. 
 
 from __future__ import annotations
 
+import hashlib
 import random
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tunesmith import __version__
 from tunesmith.config.schema import Config
 from tunesmith.data.batching import RowStream
 from tunesmith.data.pipeline import PreparedData, load_data_and_tokenizer
+from tunesmith.data.reading import document_files
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import METHODS, Method, describe_counts, get_method, parameter_counts
 from tunesmith.models.attention import use_packed_attention
@@ -58,7 +60,12 @@ def data_hashes(cfg: Config) -> dict[str, str | None]:
     hashes = {}
     for key in ("train_file", "val_file", "test_file"):
         path = getattr(cfg.data, key)
-        hashes[key] = sha256_file(Path(path)) if path else None
+        if path and Path(path).is_dir():  # a folder of documents: its files' names and contents
+            files = document_files(Path(path))
+            joined = "".join(f"{f.relative_to(path)}\0{sha256_file(f)}\n" for f in files)
+            hashes[key] = hashlib.sha256(joined.encode("utf-8")).hexdigest()
+        else:
+            hashes[key] = sha256_file(Path(path)) if path else None
     return hashes
 
 
@@ -114,8 +121,15 @@ def apply_speed_switches(model, method: Method, tc, precision: str, log, stage: 
     Returns whether micro-batches are packed."""
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    packed = (tc.packing and use_packed_attention(model) and not method.soft_prompt
-              and (stage is None or stage.can_pack))
+    if stage is not None and stage.needs_packed_attention:
+        if method.soft_prompt or not use_packed_attention(model):
+            raise TunesmithError(f"stage {stage.name} keeps each document to itself inside a block, which needs "
+                                 "packed attention, and this model or method (soft prompts) cannot take it; set "
+                                 "stage.cross_document_attention: true")
+        packed = True
+    else:
+        packed = (tc.packing and use_packed_attention(model) and not method.soft_prompt
+                  and (stage is None or stage.can_pack))
     if tc.packing and not packed:
         log("note: packing is off: this model's attention cannot keep packed examples apart, or the method adds "
             "soft prompts; micro-batches are padded instead")
