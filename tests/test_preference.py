@@ -200,7 +200,7 @@ def test_dpo_with_adapters_uses_the_base_as_reference_like_trl(make_config):
 
     batch, expected = trl_dpo(build_tiny_model(len(tok)), None, "sigmoid", 0.1, tok, TRL_ROWS,
                               peft_config=LoraConfig(r=4, target_modules="all-linear"), then=train_the_adapter)
-    assert stage._copy is None  # no second copy of the weights
+    assert stage.reference.copy is None  # no second copy of the weights
     with torch.no_grad():
         summed, count = stage.loss_sum(state["policy"], ours(batch))
     assert abs(expected - math.log(2)) > 1e-3  # the adapter moved the policy away from the base
@@ -382,3 +382,88 @@ def test_the_estimate_holds_the_reference_copy_and_both_rows_of_a_pair(make_conf
         assert parts.get("reference model", 0) == copy_bytes
     pre = plan_for(make_config(pairs(20), method={"name": "full"}, stage={"name": "orpo"}), shape, machine)
     assert "reference model" not in {p.name for p in estimate_memory(pre).parts}
+
+
+# ------------------------------------------------------------------------------------------------------ kto
+
+
+def kto_rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": bool(i % 3)}
+            for i, r in enumerate(pairs(n, seed))]
+
+
+def test_unpaired_rows_read_with_their_label():
+    example = to_example(row({"prompt": [{"role": "user", "content": "Hi?"}],
+                              "completion": [{"role": "assistant", "content": "Hello!"}], "label": False}),
+                         "unpaired", {})
+    assert (example.prompt_messages, example.reference, example.desirable) == (
+        [{"role": "user", "content": "Hi?"}], "Hello!", False)
+    assert detect_format(row({"prompt": "a", "completion": "b", "label": True}), {}) == "unpaired"
+    with pytest.raises(BadRow, match="field 'label' must be true .* or false, got 'yes'"):
+        to_example(row({"prompt": "a", "completion": "b", "label": "yes"}), "unpaired", {})
+
+
+def test_kto_loss_equals_trls_on_the_same_batch(make_config):
+    """TRL's KTOTrainer builds the batch (and its mismatched KL rows); our stage scores the same tensors."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from tunesmith.methods import get_method
+
+    tok = build_tiny_tokenizer()
+    reference = build_tiny_model(len(tok))
+    policy = copy.deepcopy(reference)
+    cfg, stage = stage_for(make_config, "full", name="kto", beta=0.3, desirable_weight=1.5, undesirable_weight=0.8)
+    stage.prepare(policy, get_method(cfg.method), SimpleNamespace(), torch.device("cpu"), "fp32", 2)
+    perturb(policy)
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0} for i, r in enumerate(TRL_ROWS)]
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), report_to=[], per_device_train_batch_size=4, beta=0.3,
+                     desirable_weight=1.5, undesirable_weight=0.8, use_cpu=True, bf16=False, max_length=None)
+    trainer = KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        expected = float(trainer.compute_loss(policy, batch))
+    stage._stats, stage._kl = {}, None
+    stage._kl_batches = [ours({"input_ids": batch["KL_input_ids"], "attention_mask": batch["KL_attention_mask"],
+                               "completion_mask": batch["KL_completion_mask"]})]
+    mine = {**ours(batch), "desirable": batch["label"].bool()}
+    with torch.no_grad():
+        summed, count = stage.loss_sum(policy, mine)
+    assert count == 4 and stage._kl > 0
+    assert float(summed) / count == pytest.approx(expected, abs=1e-5)
+
+
+def test_kto_pairs_each_prompt_with_the_previous_reply_for_its_kl_estimate():
+    from tunesmith.data.token_store import Tokenized
+    from tunesmith.stages.kto import mismatched
+
+    a = Tokenized([1, 2, 3, 10, 11], [IGNORE, IGNORE, IGNORE, 10, 11])
+    b = Tokenized([4, 5, 20, 21, 22], [IGNORE, IGNORE, 20, 21, 22])
+    kl = mismatched(a, b)
+    assert list(kl.input_ids) == [1, 2, 3, 20, 21, 22] and list(kl.labels) == [IGNORE] * 3 + [20, 21, 22]
+
+
+def test_kto_micro_batching_does_not_change_the_step_and_it_resumes(make_config, tmp_path):
+    def cfg(name, **train_settings):
+        c = make_config(kto_rows(40), stage={"name": "kto"}, method={"name": "lora", "r": 4, "alpha": 8},
+                        output={"dir": str(tmp_path / name)}, eval={"interval": 3},
+                        checkpoint={"interval": 2, "keep_last": 2},
+                        train={**SETTINGS["train"], "max_steps": 6, **train_settings})
+        return c
+
+    a = train(cfg("a"), log=quiet)
+    b = train(cfg("b", micro_batch_size=1, grad_accum_steps=4), log=quiet)
+    for (_, la), (_, lb) in zip(losses(a), losses(b), strict=True):
+        assert la == pytest.approx(lb, abs=1e-5)
+    rows = metrics(a)
+    assert {"kl", "rewards/chosen", "rewards/rejected"} <= set(rows[0])
+    split = cfg("split")
+    with pytest.raises(TrainingStopped):
+        train(split, log=quiet, stop_at_step=3)
+    train(split, log=quiet, resume=True)
+    assert_same_run(a, tmp_path / "split")
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals and "val_rewards/chosen" in evals[-1]

@@ -34,7 +34,7 @@ class DataConfig(Section):
     train_file: str | None = None
     val_file: str | None = None
     test_file: str | None = None
-    format: Literal["alpaca", "messages", "sharegpt", "text", "preference"] | None = None
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference", "unpaired"] | None = None
     """Row format; detected from the first row when absent."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map our field names to yours, e.g. {instruction: question, output: answer}."""
@@ -288,8 +288,18 @@ class SimpoStageSection(Section):
     ftx: float = Field(0.0, ge=0)
 
 
+class KtoStageSection(Section):
+    """kto: learn from single replies marked desirable or not (no pairs needed), relative to the reference."""
+
+    name: Literal["kto"] = "kto"
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    """Weight of a desirable reply's loss (raise it when desirable replies are the rarer kind)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+
+
 STAGE_SECTIONS: dict[str, type[Section]] = {cls.model_fields["name"].default: cls for cls in (
-    SftStageSection, PretrainStageSection, DpoStageSection, OrpoStageSection, SimpoStageSection)}
+    SftStageSection, PretrainStageSection, DpoStageSection, OrpoStageSection, SimpoStageSection, KtoStageSection)}
 """Each stage's own section: `stage.name` picks one, and only its keys belong under `stage:`."""
 StageSection = Annotated[Union[tuple(STAGE_SECTIONS.values())], Field(discriminator="name")]
 

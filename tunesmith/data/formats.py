@@ -5,6 +5,7 @@ Formats:
   messages  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (OpenAI style)
   sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
   text      {"text": str}   (every token trained: continued pre-training style)
+  unpaired  {"prompt", "completion", "label": true|false}   (KTO: one reply, marked desirable or not)
   preference {"prompt", "chosen", "rejected"}: strings, or chat messages (TRL's standard and conversational
             forms, and its implicit-prompt form of two whole conversations); also {"instruction", "input"?,
             "chosen", "rejected", "system"?}
@@ -30,6 +31,8 @@ class Example:
     where: str = ""
     rejected: str | None = None
     """A preference pair's rejected reply (its prompt is that of `messages`)."""
+    desirable: bool | None = None
+    """An unpaired (KTO) row's label: is the reply in `messages` a good one?"""
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -180,6 +183,26 @@ def _preference(row: Row, columns: dict[str, str]) -> Example:
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo")
 
 
+def _unpaired(row: Row, columns: dict[str, str]) -> Example:
+    """A KTO row: a prompt, one completion, and whether it is desirable."""
+    key = _field(row, "prompt", columns)
+    if key not in row.data:
+        raise BadRow(f"{row.where}: missing field '{key}'")
+    value = row.data[key]
+    prompt = ([{"role": "user", "content": _string(row, columns, "prompt", required=True)}]
+              if not isinstance(value, list) else _turns(value, row.where, key))
+    if prompt[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in prompt):
+        raise BadRow(f"{row.where}: field '{key}' must hold a user message and end before the reply")
+    completion = _reply(row, columns, "completion")
+    label_key = _field(row, "label", columns)
+    label = row.data.get(label_key)
+    if not isinstance(label, bool):
+        raise BadRow(f"{row.where}: field '{label_key}' must be true (a desirable completion) or false, got "
+                     f"{label!r}")
+    return Example(messages=prompt + [{"role": "assistant", "content": completion}], desirable=label,
+                   where=row.where)
+
+
 @dataclass(frozen=True)
 class DataFormat:
     name: str
@@ -202,8 +225,9 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     DataFormat("sharegpt", "conversations", _chat("sharegpt"), ("sft",)),
     DataFormat("text", "text", _text, ("sft", "pretrain")),
     DataFormat("preference", "chosen", _preference, PREFERENCE_STAGES, paired=True),
+    DataFormat("unpaired", "completion", _unpaired, ("kto",)),
 )}
-DETECTION_ORDER = ("preference", "messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
+DETECTION_ORDER = ("preference", "unpaired", "messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
 
 
 def detect_format(row: Row, columns: dict[str, str]) -> str:

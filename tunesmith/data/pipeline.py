@@ -177,8 +177,9 @@ def load_examples(path: str, cfg: DataConfig, fmt: str | None, skipped: list[str
 
 def content_key(example: Example) -> int:
     """Rows with the same content after normalisation (column names and order do not matter) share a key."""
-    blob = json.dumps([example.messages, example.text] + ([example.rejected] if example.rejected is not None else []),
-                      sort_keys=True, ensure_ascii=False)
+    extra = [example.rejected] if example.rejected is not None else []
+    extra += [example.desirable] if example.desirable is not None else []
+    blob = json.dumps([example.messages, example.text] + extra, sort_keys=True, ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(blob.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -199,6 +200,8 @@ def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: D
     else:
         rejected = Example(messages=example.prompt_messages + [{"role": "assistant", "content": example.rejected}])
         rendered = [render(tokenizer, example), render(tokenizer, rejected)]
+    if example.desirable is not None:  # a KTO row: only its completion is scored, so no prompt training
+        rendered = [render(tokenizer, example)]
     longest = max(len(ids) for ids, _ in rendered)
     report.raw_lengths.append(longest)
     if longest > cfg.max_seq_length:
@@ -207,7 +210,7 @@ def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: D
             return False
         rendered = [(ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]) for ids, labels in rendered]
         report.truncated += 1
-    items = [Tokenized(ids, labels) for ids, labels in rendered]
+    items = [Tokenized(ids, labels, desirable=example.desirable) for ids, labels in rendered]
     if any(item.n_targets == 0 for item in items):
         report.dropped["no trainable tokens"] += 1
         return False
@@ -215,7 +218,7 @@ def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: D
         sink.append(items[0] if len(items) == 1 else Pair(*items))
     else:
         for ids, labels in rendered:
-            sink.append(ids, labels)
+            sink.append(ids, labels, desirable=example.desirable)
     report.kept += 1
     report.lengths.append(min(longest, cfg.max_seq_length))
     report.trained_tokens += sum(item.n_targets for item in items)

@@ -28,6 +28,8 @@ class Tokenized:
     starts: Sequence[int] = ()
     """Positions after 0 where another document starts (a pre-training block that holds several): attention
     and position ids restart there unless documents may attend to each other."""
+    desirable: bool | None = None
+    """An unpaired (KTO) row's label."""
 
     @property
     def n_targets(self) -> int:
@@ -66,10 +68,12 @@ class TokenStore(Sequence):
             p.write_bytes(b"")
         self._ids_buf, self._mask_buf = array("i"), array("B")
         self._offsets = array("q", [0])
+        self._tags = array("b")  # per row: -1 none, 0 undesirable, 1 desirable (KTO labels)
         self._ids: np.ndarray | None = None
         self._mask: np.ndarray | None = None
 
-    def append(self, ids: Sequence[int], labels: Sequence[int], starts: Sequence[int] = ()) -> None:
+    def append(self, ids: Sequence[int], labels: Sequence[int], starts: Sequence[int] = (),
+               desirable: bool | None = None) -> None:
         # One byte per token: bit 0 = trained, bit 1 = a document starts here.
         first = len(self._mask_buf)
         self._ids_buf.extend(ids)
@@ -77,6 +81,7 @@ class TokenStore(Sequence):
         for start in starts:
             self._mask_buf[first + start] |= 2
         self._offsets.append(self._offsets[-1] + len(ids))
+        self._tags.append(-1 if desirable is None else int(desirable))
         if len(self._ids_buf) >= _FLUSH_TOKENS:
             self._flush()
 
@@ -121,7 +126,9 @@ class TokenStore(Sequence):
         mask = self._mask[start:end]
         labels = np.where(mask & 1, ids, IGNORE)
         starts = np.flatnonzero(mask & 2)
-        return Tokenized(ids, labels, tuple(int(s) for s in starts) if len(starts) else ())
+        tag = self._tags[i]
+        return Tokenized(ids, labels, tuple(int(s) for s in starts) if len(starts) else (),
+                         None if tag < 0 else bool(tag))
 
 
 class PairStore(Sequence):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from tunesmith.config.schema import Config
 from tunesmith.stages.base import Stage
+from tunesmith.stages.kto import KtoStage
 from tunesmith.stages.preference import DpoStage, OrpoStage, SimpoStage
 from tunesmith.stages.pretrain import PretrainStage
 from tunesmith.stages.sft import SftStage
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (SftStage, PretrainStage, DpoStage, OrpoStage, SimpoStage)}
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (SftStage, PretrainStage, DpoStage, OrpoStage, SimpoStage,
+                                                            KtoStage)}
 
 
 def get_stage(cfg: Config) -> Stage:

@@ -35,6 +35,29 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+class Reference:
+    """The starting model a stage compares with: for adapter methods the same model with its adapters off
+    (Method.starting_model), for methods that train the weights themselves a frozen copy taken now, before
+    any step or resume (unless `copy_weights` is False: the caller scores everything before training)."""
+
+    def __init__(self, model, method, copy_weights: bool = True):
+        self._starting = lambda: method.starting_model(model)
+        self.copy = None
+        if copy_weights and method.starting_model(model) is None:
+            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def starting(self):
+        """A context in which the training model computes the starting model's outputs (a no-op for a copy)."""
+        return self._starting() or contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logps(self, model, batch, labels_only: bool = True) -> torch.Tensor:
+        if self.copy is not None:
+            return sequence_logps(self.copy, batch, labels_only)[0]
+        with self.starting():
+            return sequence_logps(model, batch, labels_only)[0]
+
+
 class PreferenceStage(Stage):
     """What the preference stages share: pairs in, pairs counted, rewards logged."""
 
@@ -115,24 +138,15 @@ class DpoStage(PreferenceStage):
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         """Set up the reference: adapters off, a frozen copy, or every pair scored once now."""
-        self._starting = lambda: method.starting_model(model)
-        self._copy = None
+        self.reference = Reference(model, method, copy_weights=not self.cfg.precompute_reference)
         if self.cfg.precompute_reference:
             for name in ("train", "val"):
                 setattr(data, name, _with_reference(getattr(data, name), self, model, device, precision, pad_id))
-        elif method.starting_model(model) is None:
-            self._copy = copy.deepcopy(model).eval().requires_grad_(False)
 
     def reference_scores(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if "reference" in batch:
             return batch["reference"].chunk(2)
-        with torch.no_grad():
-            if self._copy is not None:
-                chosen, rejected, _, _ = self.scores(self._copy, batch)
-            else:
-                with self._starting():
-                    chosen, rejected, _, _ = self.scores(model, batch)
-        return chosen, rejected
+        return self.reference.logps(model, batch, self.run.train.logits_at_labels_only).chunk(2)
 
     def pair_losses(self, model, batch):
         chosen, rejected, n_chosen, n_rejected = self.scores(model, batch)
@@ -215,7 +229,7 @@ def _with_reference(pairs, stage: DpoStage, model, device, precision, pad_id, si
         return pairs
     was_training = model.training
     model.eval()
-    starting = stage._starting() or contextlib.nullcontext()
+    starting = stage.reference.starting()
     scores = torch.empty(len(pairs), 2)
     with starting:
         for start in range(0, len(pairs), size):
