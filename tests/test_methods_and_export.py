@@ -253,7 +253,8 @@ def test_eval_batches_rows_by_the_runs_eval_batch_size(trained_run, monkeypatch)
 
     sizes = []
     real = tokens.eval_batches
-    monkeypatch.setattr(tokens, "eval_batches", lambda data, size, pad: sizes.append(size) or real(data, size, pad))
+    monkeypatch.setattr(tokens, "eval_batches",
+                        lambda data, size, pad, *rest: sizes.append(size) or real(data, size, pad, *rest))
     loaded = load_for_inference(trained_run)
     evaluate.evaluate_file(loaded, trained_run / "data" / "test.jsonl", max_new_tokens=2)
     evaluate.evaluate_file(loaded, trained_run / "data" / "test.jsonl", max_new_tokens=2, batch_size=3)

@@ -172,7 +172,8 @@ def test_the_cli_offers_the_registry_choices():
     commands = typer.main.get_command(app).commands
     for command, option, registry in (("init", "--method", METHODS), ("init", "--optimizer", OPTIMIZERS),
                                       ("init", "--stage", STAGES), ("estimate", "--method", METHODS),
-                                      ("estimate", "--optimizer", OPTIMIZERS), ("export", "--format", EXPORTS)):
+                                      ("estimate", "--optimizer", OPTIMIZERS), ("estimate", "--stage", STAGES),
+                                      ("export", "--format", EXPORTS)):
         [param] = [p for p in commands[command].params if option in p.opts]
         assert param.help == " | ".join(registry), (command, option)
 

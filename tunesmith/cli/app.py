@@ -262,8 +262,9 @@ def estimate(
     params: Optional[float] = typer.Option(None, "--params", help="parameter count instead of --model, e.g. 7e9"),
     method: str = typer.Option("lora", "--method", help=_choices("method.name")),
     optimizer: str = typer.Option("adamw", "--optimizer", help=_choices("optimizer.name")),
+    stage: str = typer.Option("sft", "--stage", help=_choices("stage.name")),
     precision: str = typer.Option("bf16", "--precision", help="bf16 | fp32"),
-    micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="rows per forward/backward pass"),
+    micro_batch: int = typer.Option(4, "--micro-batch", min=1, help="rows (preference pairs) per forward/backward pass"),
     seq: int = typer.Option(1024, "--seq", min=8, help="tokens per row (the longest row, at most max_seq_length)"),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="e.g. 24GB (GB = 2^30 bytes); "
                                                 "default: this machine's free GPU memory or available RAM"),
@@ -287,7 +288,8 @@ def estimate(
                            seq=seq, device_memory=device_memory, device=device,
                            gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
                            trainable_layers=trainable_layers, tokens=tokens, layers=layers, hidden=hidden,
-                           intermediate=intermediate, vocab=vocab, as_json=as_json, optimizer=optimizer))
+                           intermediate=intermediate, vocab=vocab, as_json=as_json, optimizer=optimizer,
+                           stage=stage))
 
 
 @app.command()

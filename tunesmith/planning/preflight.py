@@ -449,7 +449,8 @@ def check_before_training(cfg: Config, report: DataReport, log, mode: str = "blo
 def estimate_command(*, model: str | None, params: float | None, method: str, precision: str, micro_batch: int,
                      seq: int, device_memory: str | None, device: str, gradient_checkpointing: bool, lora_r: int,
                      trainable_layers: int, tokens: float | None, layers: int | None, hidden: int | None,
-                     intermediate: int | None, vocab: int | None, as_json: bool, optimizer: str = "adamw") -> str:
+                     intermediate: int | None, vocab: int | None, as_json: bool, optimizer: str = "adamw",
+                     stage: str = "sft") -> str:
     """`tunesmith estimate`: the report for one plan, and the time on this machine when it is the device."""
     import json
 
@@ -465,6 +466,8 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
 
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {optimizer!r}: one of {', '.join(OPTIMIZERS)}")
+    if stage not in STAGES:
+        raise ConfigError(f"--stage {stage!r}: one of {', '.join(STAGES)}")
     if optimizer_method_problem(optimizer, method):
         raise ConfigError(optimizer_method_problem(optimizer, method))
     if device not in ("auto", "cpu", "cuda"):
@@ -479,9 +482,10 @@ def estimate_command(*, model: str | None, params: float | None, method: str, pr
         memory = parse_size(device_memory) if device_memory else (machine.memory if where == machine.device else None)
     except ValueError as exc:
         raise ConfigError(f"--device-memory: {exc}") from None
-    plan = Plan(shape, method, precision, micro_batch, seq, device=where,  # type: ignore[arg-type]
+    # --micro-batch counts training items: a preference pair is two rows in the batch
+    plan = Plan(shape, method, precision, micro_batch * STAGES[stage].rows_per_item, seq, device=where,  # type: ignore[arg-type]
                 device_memory=memory, gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
-                trainable_layers=trainable_layers, optimizer=optimizer)
+                trainable_layers=trainable_layers, optimizer=optimizer, stage=stage)
     result = estimate_memory(plan)
     lines = [result.to_text()]
     if where == machine.device:
