@@ -58,6 +58,15 @@ class Pair:
         return max(len(self.chosen), len(self.rejected))
 
 
+def _position(i: int, n: int) -> int:
+    """A list's index rules: negative counts from the end; out of range is an IndexError."""
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(i)
+    return i
+
+
 class TokenStore(Sequence):
     """Append rows while preparing, then `close()` and index like a list of Tokenized."""
 
@@ -115,10 +124,7 @@ class TokenStore(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+        i = _position(i, len(self))
         if self._ids is None or self._mask is None:
             raise RuntimeError("TokenStore: call close() before reading")
         start, end = self._offsets[i], self._offsets[i + 1]
@@ -148,8 +154,5 @@ class PairStore(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+        i = _position(i, len(self))
         return Pair(self.store[2 * i], self.store[2 * i + 1])
