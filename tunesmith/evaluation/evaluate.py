@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from tunesmith.data.batching import collate
 from tunesmith.data.pipeline import load_examples, tokenize_split
 from tunesmith.data.token_store import Pair
 from tunesmith.inference.generate import Sampling, generate_batch
+from tunesmith.stages.preference import pair_batch
 from tunesmith.stages.tokens import mean_loss, sequence_logps
 
 
@@ -29,7 +29,7 @@ def pairwise(model, pairs: list[Pair], batch_size: int, pad_id: int) -> dict[str
     wins, margins = 0, 0.0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
+        batch = pair_batch(chunk, pad_id)
         logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
         chosen, rejected = logps.chunk(2)
         wins += int((chosen > rejected).sum())

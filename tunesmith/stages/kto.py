@@ -19,7 +19,7 @@ from tunesmith.data.templates import IGNORE
 from tunesmith.data.token_store import Tokenized
 from tunesmith.models.device import autocast
 from tunesmith.stages.base import Stage
-from tunesmith.stages.preference import Reference
+from tunesmith.stages.preference import Reference, reference_memory
 from tunesmith.stages.tokens import sequence_logps
 
 
@@ -51,9 +51,7 @@ class KtoStage(Stage):
 
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:
-        if plan.method not in ("full", "freeze"):
-            return []
-        return [("reference model", plan.shape.params * 4.0, "a frozen copy of the starting weights")]
+        return reference_memory(plan, "a frozen copy of the starting weights")
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         self.reference = Reference(model, method)

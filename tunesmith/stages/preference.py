@@ -35,6 +35,19 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def pair_batch(pairs, pad_id: int) -> dict[str, torch.Tensor]:
+    """k pairs as one padded batch of 2k rows: the chosen replies first, then the rejected ones."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+
+
+def reference_memory(plan, note: str) -> list[tuple[str, float, str]]:
+    """What a stage's Reference adds to `estimate`: nothing for adapter methods (adapters switched off give
+    it), a copy of the model as it trains (fp32 weights) for full and freeze."""
+    if plan.method not in ("full", "freeze"):
+        return []
+    return [("reference model", plan.shape.params * 4.0, note)]
+
+
 class Reference:
     """The starting model a stage compares with: for adapter methods the same model with its adapters off
     (Method.starting_model), for methods that train the weights themselves a frozen copy taken now, before
@@ -77,7 +90,7 @@ class PreferenceStage(Stage):
         out = []
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
-            batch = collate([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)
+            batch = pair_batch(chunk, pad_id)
             if chunk[0].reference is not None:
                 batch["reference"] = torch.tensor([p.reference[0] for p in chunk] + [p.reference[1] for p in chunk],
                                                   dtype=torch.float32)
@@ -131,10 +144,7 @@ class DpoStage(PreferenceStage):
 
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:
-        if plan.method not in ("full", "freeze"):
-            return []  # adapters switched off give the reference
-        return [("reference model", plan.shape.params * 4.0,  # a copy of the model as it trains: fp32 weights
-                 "a frozen copy of the starting weights (none with stage.precompute_reference)")]
+        return reference_memory(plan, "a frozen copy of the starting weights (none with stage.precompute_reference)")
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         """Set up the reference: adapters off, a frozen copy, or every pair scored once now."""
@@ -234,8 +244,7 @@ def _with_reference(pairs, stage: DpoStage, model, device, precision, pad_id, si
     with starting:
         for start in range(0, len(pairs), size):
             chunk = [pairs[i] for i in range(start, min(start + size, len(pairs)))]
-            batch = {k: v.to(device) for k, v in collate([p.chosen for p in chunk] + [p.rejected for p in chunk],
-                                                         pad_id).items()}
+            batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
             with autocast(device, precision):
                 chosen, rejected, _, _ = stage.scores(model, batch)
             scores[start:start + len(chunk)] = torch.stack([chosen, rejected], 1).float().cpu()
