@@ -195,13 +195,13 @@ def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: D
     pair is rendered twice, prompt + chosen and prompt + rejected (the prompt's ids are the same in both, as
     segments are tokenized one by one), its prompt never trained; a TokenStore gets its two rows in turn."""
     report.rows += 1
-    if example.rejected is None:
-        rendered = [render(tokenizer, example, cfg.train_on_prompt)]
-    else:
+    if example.rejected is not None:
         rejected = Example(messages=example.prompt_messages + [{"role": "assistant", "content": example.rejected}])
         rendered = [render(tokenizer, example), render(tokenizer, rejected)]
-    if example.desirable is not None:  # a KTO row: only its completion is scored, so no prompt training
+    elif example.desirable is not None:  # a KTO row: only its completion is scored, so no prompt training
         rendered = [render(tokenizer, example)]
+    else:
+        rendered = [render(tokenizer, example, cfg.train_on_prompt)]
     longest = max(len(ids) for ids, _ in rendered)
     report.raw_lengths.append(longest)
     if longest > cfg.max_seq_length:
