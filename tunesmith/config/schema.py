@@ -298,8 +298,17 @@ class KtoStageSection(Section):
     undesirable_weight: float = Field(1.0, gt=0)
 
 
+class RmStageSection(Section):
+    """rm: a reward model, a scalar head that scores a reply so that chosen replies score above rejected ones."""
+
+    name: Literal["rm"] = "rm"
+    center_rewards: float = Field(0.0, ge=0)
+    """Weight of a term that keeps rewards near zero (the square of each pair's summed rewards)."""
+
+
 STAGE_SECTIONS: dict[str, type[Section]] = {cls.model_fields["name"].default: cls for cls in (
-    SftStageSection, PretrainStageSection, DpoStageSection, OrpoStageSection, SimpoStageSection, KtoStageSection)}
+    SftStageSection, PretrainStageSection, DpoStageSection, OrpoStageSection, SimpoStageSection, KtoStageSection,
+    RmStageSection)}
 """Each stage's own section: `stage.name` picks one, and only its keys belong under `stage:`."""
 StageSection = Annotated[Union[tuple(STAGE_SECTIONS.values())], Field(discriminator="name")]
 

@@ -180,7 +180,7 @@ def _preference(row: Row, columns: dict[str, str]) -> Example:
     return Example(messages=prompt + [{"role": "assistant", "content": chosen}], rejected=rejected, where=row.where)
 
 
-PREFERENCE_STAGES = ("dpo", "orpo", "simpo")
+PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "rm")
 
 
 def _unpaired(row: Row, columns: dict[str, str]) -> Example:

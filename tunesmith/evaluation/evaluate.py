@@ -13,6 +13,7 @@ from tunesmith.data.pipeline import load_examples, tokenize_split
 from tunesmith.data.token_store import Pair
 from tunesmith.inference.generate import Sampling, generate_batch
 from tunesmith.stages.preference import pair_batch
+from tunesmith.stages.reward import rewards
 from tunesmith.stages.tokens import mean_loss, sequence_logps
 
 
@@ -21,21 +22,23 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 @torch.no_grad()
-def pairwise(model, pairs: list[Pair], batch_size: int, pad_id: int) -> dict[str, float]:
-    """Share of pairs whose chosen reply has the higher summed log-probability, and the mean difference."""
+def pairwise(model, pairs: list[Pair], batch_size: int, pad_id: int, head=None) -> dict[str, float]:
+    """Share of pairs whose chosen reply scores higher, and the mean difference: scored by the summed
+    log-probability, or for a reward model (`head`) by its reward."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     wins, margins = 0, 0.0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        batch = pair_batch(chunk, pad_id)
-        logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
-        chosen, rejected = logps.chunk(2)
+        batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
+        scores = rewards(model, head, batch, pad_id) if head is not None else sequence_logps(model, batch)[0]
+        chosen, rejected = scores.chunk(2)
         wins += int((chosen > rejected).sum())
         margins += float((chosen - rejected).sum())
     model.train(was_training)
-    return {"pairwise_accuracy": wins / max(len(pairs), 1), "logp_margin": margins / max(len(pairs), 1)}
+    margin = "reward_margin" if head is not None else "logp_margin"
+    return {"pairwise_accuracy": wins / max(len(pairs), 1), margin: margins / max(len(pairs), 1)}
 
 
 def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int | None = None,
@@ -60,7 +63,7 @@ def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss) if loss == loss else float("nan"),
                               "tokens": n_tokens, "n": len(examples), "scored_rows": report.kept}
     if paired:
-        result.update(pairwise(loaded.model, tokenized, batch_size, loaded.tokenizer.pad_token_id))
+        result.update(pairwise(loaded.model, tokenized, batch_size, loaded.tokenizer.pad_token_id, loaded.head))
     chats = [ex for ex in examples if ex.messages is not None]
     if chats:
         preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in chats],

@@ -4,6 +4,7 @@ becomes `--out` only once complete."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from tunesmith.config.explain import choice
 from tunesmith.errors import ConfigError, TunesmithError
 from tunesmith.inference.loading import Loaded, load_for_inference
 from tunesmith.run.run_dir import is_run_dir
+from tunesmith.stages.base import MODULES_FILE, save_modules
+from tunesmith.stages.reward import HEAD
 
 
 @dataclass(frozen=True)
@@ -28,14 +31,39 @@ class ExportFormat:
 
 def _write_merged(loaded: Loaded, staging: Path) -> None:
     merged = loaded.method.merge(loaded.model)
+    if loaded.head is not None:
+        return _as_sequence_classifier(merged, loaded.head, loaded.tokenizer.pad_token_id).save_pretrained(staging)
     # The run's EOS and pad must travel with the weights, so plain `generate` stops where ours does.
     merged.generation_config.eos_token_id = loaded.tokenizer.eos_token_id
     merged.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
     merged.save_pretrained(staging)
 
 
+def _as_sequence_classifier(merged, head, pad_id: int):
+    """An rm run as the transformers *ForSequenceClassification model of its family (num_labels 1): the body's
+    weights, the head as its `score` layer, and the pad id its pooling reads, so that it scores as training did."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(merged.config)
+    config.num_labels, config.pad_token_id = 1, pad_id
+    config.architectures = [type(merged).__name__.replace("ForCausalLM", "ForSequenceClassification")]
+    try:
+        scorer = AutoModelForSequenceClassification.from_config(config, torch_dtype=merged.dtype)
+    except ValueError as exc:
+        raise TunesmithError(f"transformers has no sequence-classification model for {config.model_type} ({exc}); "
+                             "export the reward model with --format adapter") from None
+    body = {k: v for k, v in merged.state_dict().items() if not k.startswith("lm_head.")}
+    result = scorer.load_state_dict({**body, "score.weight": head.weight.detach().to(merged.dtype)}, strict=False)
+    if result.missing_keys:
+        raise TunesmithError(f"cannot export the reward model as {config.architectures[0]}: missing "
+                             f"{result.missing_keys[:3]}; export it with --format adapter")
+    return scorer
+
+
 def _write_adapter(loaded: Loaded, staging: Path) -> None:
     loaded.method.save(loaded.model, staging)
+    if loaded.head is not None:  # the reward head travels beside the adapter
+        save_modules({HEAD: loaded.head}, staging / MODULES_FILE)
 
 
 def _cannot_merge(method) -> str | None:

@@ -25,6 +25,8 @@ class Loaded:
     method: Method | None
     config: Config | None
     run_dir: Path | None
+    head: torch.nn.Module | None = None
+    """An rm run's scalar reward head (its body is `model`); None for every other run."""
 
     @property
     def default_system(self) -> str | None:
@@ -57,4 +59,16 @@ def load_for_inference(run_or_model: str | Path, checkpoint: str | None = None) 
     model = method.load(load_base, weights)
     model.eval()
     tokenizer = load_tokenizer(ModelSource(str(run.tokenizer)))
-    return Loaded(model, tokenizer, method, cfg, path)
+    return Loaded(model, tokenizer, method, cfg, path, head=_reward_head(model, weights))
+
+
+def _reward_head(model, weights: Path) -> torch.nn.Module | None:
+    from tunesmith.stages.base import MODULES_FILE, load_modules
+    from tunesmith.stages.reward import HEAD, new_head
+
+    path = weights / MODULES_FILE
+    if not path.exists():
+        return None
+    head = new_head(model).to(next(model.parameters()).device)
+    load_modules({HEAD: head}, path)
+    return head.eval()

@@ -2,6 +2,7 @@
 
 checkpoints/step-000120/
   adapter_model.safetensors | model.safetensors | trainable.safetensors   what the method trains
+  stage_modules.safetensors                   what the stage trains itself, if anything (rm's scalar head)
   optimizer.safetensors + optimizer.json      AdamW moments (tensors) and param groups (JSON)
   rng.safetensors                             torch (and CUDA) generator states
   trainer_state.json                          step, data position, scheduler, Python/NumPy RNG, fingerprint
@@ -252,8 +253,9 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
 
 
 def save_checkpoint(run_dir: Path, step: int, method, model, optimizer, scheduler, trainer_state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write a complete checkpoint or none; then drop the oldest beyond `keep_last`."""
+                    keep_last: int, stage=None) -> Path:
+    """Write a complete checkpoint or none; then drop the oldest beyond `keep_last`. `stage` saves the modules it
+    trains itself (rm's head), if any."""
     root = RunDir(run_dir).checkpoints
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -261,6 +263,8 @@ def save_checkpoint(run_dir: Path, step: int, method, model, optimizer, schedule
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         method.save(model, tmp)
+        if stage is not None:
+            stage.save(tmp)
         opt_tensors, opt_meta = _optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
@@ -300,7 +304,7 @@ def _tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
 
 
-def load_checkpoint(path: Path, state: dict[str, Any], method, model, optimizer, scheduler) -> None:
+def load_checkpoint(path: Path, state: dict[str, Any], method, model, optimizer, scheduler, stage=None) -> None:
     """Put weights, optimizer, scheduler and RNG back as they were (`state` is `read_state(path)`)."""
     for f in path.glob("*.safetensors"):  # check every header before touching the model
         with f.open("rb") as handle:
@@ -308,6 +312,8 @@ def load_checkpoint(path: Path, state: dict[str, Any], method, model, optimizer,
         if len(header) < 8 or int.from_bytes(header, "little") > min(f.stat().st_size, 100 << 20):
             raise CheckpointError(f"{f} is not a valid safetensors file (bad header)")
     method.restore(model, path)
+    if stage is not None:
+        stage.restore(path)
     device = str(next(model.parameters()).device)
     opt = _optimizer_from_files(_tensors(path / "optimizer.safetensors", device),
                                 json.loads((path / "optimizer.json").read_text(encoding="utf-8")),

@@ -7,10 +7,11 @@ from tunesmith.stages.base import Stage
 from tunesmith.stages.kto import KtoStage
 from tunesmith.stages.preference import DpoStage, OrpoStage, SimpoStage
 from tunesmith.stages.pretrain import PretrainStage
+from tunesmith.stages.reward import RewardStage
 from tunesmith.stages.sft import SftStage
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in (SftStage, PretrainStage, DpoStage, OrpoStage, SimpoStage,
-                                                            KtoStage)}
+                                                            KtoStage, RewardStage)}
 
 
 def get_stage(cfg: Config) -> Stage:

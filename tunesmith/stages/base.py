@@ -11,6 +11,7 @@ integer so a multi-process runtime can all-reduce it before dividing.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -18,6 +19,10 @@ import torch
 from tunesmith.config.explain import choice
 from tunesmith.config.schema import STAGE_SECTIONS, Config, Section
 from tunesmith.data.formats import FORMATS
+
+
+MODULES_FILE = "stage_modules.safetensors"
+"""Beside the method's weights in every checkpoint and in final/: the modules a stage trains itself (rm's head)."""
 
 
 class Stage(ABC):
@@ -93,3 +98,45 @@ class Stage(ABC):
     def step_metrics(self, rows: Sequence[Any]) -> dict[str, float]:
         """Numbers of one step for metrics.jsonl besides loss, lr and timing."""
         return {}
+
+    # ---- modules the stage trains beside the model (rm's scalar head): the optimizer, checkpoints and final/
+    # carry them through these three, whatever the method.
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Trainable modules it adds beside the model, by name; made in prepare()."""
+        return {}
+
+    def parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"stage.{name}.{key}", p) for name, module in self.modules().items()
+                for key, p in module.named_parameters()]
+
+    def save(self, directory: Path) -> None:
+        if self.modules():
+            save_modules(self.modules(), directory / MODULES_FILE)
+
+    def restore(self, directory: Path) -> None:
+        if self.modules():
+            load_modules(self.modules(), directory / MODULES_FILE)
+
+
+def save_modules(modules: dict[str, torch.nn.Module], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({f"{name}.{key}": value.detach().contiguous().cpu() for name, module in modules.items()
+               for key, value in module.state_dict().items()}, str(path))
+
+
+def load_modules(modules: dict[str, torch.nn.Module], path: Path) -> None:
+    """Put a saved file's weights back; every module's every weight must be in it."""
+    from safetensors.torch import load_file
+
+    from tunesmith.errors import ConfigError
+
+    if not path.exists():
+        raise ConfigError(f"{path.parent}: no {path.name}, which this stage's trained modules "
+                          f"({', '.join(modules)}) are saved in")
+    saved = load_file(str(path))
+    for name, module in modules.items():
+        mine = {key[len(name) + 1:]: value for key, value in saved.items() if key.startswith(name + ".")}
+        device = next(module.parameters()).device
+        module.load_state_dict({k: v.to(device) for k, v in mine.items()})

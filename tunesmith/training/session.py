@@ -175,18 +175,21 @@ class Session:
         with saving(self.optimizer):  # BAdam: the method saves every layer, not only the active one
             return save_checkpoint(self.run.path, step, self.method, self.model, self.optimizer, self.scheduler, {
                 "data_position": self.stream.position, "epoch": self.stream.epoch, "micro_batch_size": self.micro,
-                "skipped_steps": self.skipped, "fingerprint": self.identity}, self.cfg.checkpoint.keep_last)
+                "skipped_steps": self.skipped, "fingerprint": self.identity}, self.cfg.checkpoint.keep_last,
+                self.stage)
 
     def finish(self) -> None:
         """final/ appears complete or not at all (a resumed run replaces it only once the new one is written)."""
         with saving(self.optimizer):
-            save_final(self.method, self.model, self.run)
+            save_final(self.method, self.model, self.run, self.stage)
 
 
-def save_final(method: Method, model, run: RunDir) -> None:
+def save_final(method: Method, model, run: RunDir, stage: Stage | None = None) -> None:
     tmp, final, old = run.path / ".final.tmp", run.final, run.path / ".final.old"
     shutil.rmtree(tmp, ignore_errors=True)
     method.save(model, tmp)
+    if stage is not None:
+        stage.save(tmp)  # what the stage trains itself (rm's head)
     shutil.copy2(run.config, tmp / "config.yaml")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -227,7 +230,7 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
     packed = apply_speed_switches(model, method, tc, precision, log, stage)
     method.place(model, device)
     stage.prepare(model, method, data, device, precision, tokenizer.pad_token_id)  # DPO's reference
-    params = method.trainable_parameters(model)
+    params = method.trainable_parameters(model) + stage.parameters()  # rm's head trains beside any method
     log(f"method {method.name}: {describe_counts(model)}")
 
     steps = total_steps(cfg, len(data.train))
@@ -245,7 +248,7 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
         state = read_state(ckpt)
         for change in check_resumable(state["fingerprint"], identity, force):
             log(f"warning (--force): {change}")
-        load_checkpoint(ckpt, state, method, model, optimizer, scheduler)
+        load_checkpoint(ckpt, state, method, model, optimizer, scheduler, stage)
         session.start, stream.position = state["step"], state["data_position"]
         session.micro, session.skipped = state["micro_batch_size"], state["skipped_steps"]
         truncate_metrics(run.metrics, session.start)  # later lines came from the lost part of the run
