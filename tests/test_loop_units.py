@@ -87,6 +87,12 @@ class LinearStage:
         self.weird = weird  # "nan": the loss is NaN; "inf-grad": the loss is finite, its gradient is not
         self.batch_calls, self.evals, self.sent, self.seen, self.forward = [], [], [], [], []
 
+    def rows_wanted(self, step, rows_per_step):
+        return rows_per_step
+
+    def collect(self, model, rows, step):
+        return rows
+
     def count(self, rows):
         return sum(r.tokens for r in rows)
 

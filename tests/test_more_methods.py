@@ -216,11 +216,11 @@ def capture_trained(monkeypatch, probe):
     seen: dict = {}
     real = session.save_final
 
-    def capturing(method, model, run_dir):
+    def capturing(method, model, run_dir, *stage):
         was_training = model.training
         seen["value"] = probe(model)
         model.train(was_training)
-        return real(method, model, run_dir)
+        return real(method, model, run_dir, *stage)
 
     monkeypatch.setattr(session, "save_final", capturing)
     return seen

@@ -467,3 +467,39 @@ def test_kto_micro_batching_does_not_change_the_step_and_it_resumes(make_config,
     assert_same_run(a, tmp_path / "split")
     evals = [r for r in rows if "val_loss" in r]
     assert evals and "val_rewards/chosen" in evals[-1]
+
+
+@pytest.mark.parametrize("labels_only", [True, False])
+def test_the_shared_prompt_layout_scores_each_reply_as_its_own_padded_row(make_config, labels_only):
+    """Pairs packed with the prompt computed once (the rejected reply a branch of it) give every sequence the
+    same summed log-probability and token count as the padded batch of 2k rows, and the same DPO losses."""
+    from tunesmith.data.pipeline import tokenize_split
+    from tunesmith.data.formats import to_example
+    from tunesmith.models.attention import use_packed_attention
+    from tunesmith.stages import get_stage
+    from tunesmith.stages.preference import pair_batch, shared_prompt_batch
+    from tunesmith.stages.tokens import sequence_logps
+
+    tok = build_tiny_tokenizer()
+    cfg = make_config(pairs(12), stage={"name": "dpo"})
+    examples = [to_example(row(r), "preference", {}) for r in pairs(6, seed=3)]
+    items, _ = tokenize_split("t", examples, tok, cfg.data)
+    model = build_tiny_model(len(tok)).eval()
+    assert use_packed_attention(model)
+    with torch.no_grad():
+        padded = sequence_logps(model, pair_batch(items, tok.pad_token_id), labels_only)
+        packed_batch = shared_prompt_batch(items)
+        packed = sequence_logps(model, packed_batch, labels_only)
+    assert torch.equal(padded[1], packed[1])
+    assert torch.allclose(padded[0], packed[0], atol=1e-4)
+    prompt = sum(len(p.chosen) for p in items) + sum(len(p.rejected) for p in items) - packed_batch["input_ids"].shape[1]
+    assert prompt > 0  # the prompts' tokens were not computed twice
+    stage = get_stage(cfg)
+    other = build_tiny_model(len(tok), seed=1).eval()
+    use_packed_attention(other)
+    stage.reference = SimpleNamespace(logps=lambda model, batch, labels_only=True: sequence_logps(
+        other, batch, labels_only)[0])
+    with torch.no_grad():
+        a = stage.pair_losses(model, pair_batch(items, tok.pad_token_id))[0]
+        b = stage.pair_losses(model, packed_batch)[0]
+    assert torch.allclose(a, b, atol=1e-4)

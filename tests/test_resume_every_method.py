@@ -145,9 +145,9 @@ def whole_run(key: str, bases, data_file, tmp_path_factory) -> tuple[Path, torch
         captured: list[torch.Tensor] = []
         real = session.save_final
 
-        def save_final(method, model, run_dir):
+        def save_final(method, model, run_dir, *stage):
             captured.append(logits_of(model))
-            return real(method, model, run_dir)
+            return real(method, model, run_dir, *stage)
 
         base = bases[64 if key in QUANTIZED else 32]
         out = tmp_path_factory.mktemp(f"whole-{key}") / "run"
@@ -322,9 +322,11 @@ def test_merged_export_of_a_qlora_run_is_a_plain_model_close_to_the_trained_one(
     gap = float((got - trained).abs().max() / trained.abs().max())
     quantized_base = logits_of(plain_base(bases[64], bnb_config(QUANTIZED[key])))
     kernels = float((quantized_base - logits_of(dequantize())).abs().max() / quantized_base.abs().max())
-    exact_kernels = QUANTIZED[key]["bits"] == 4 and QUANTIZED[key].get("compute_dtype") == "fp32"
+    # bitsandbytes' 4-bit CPU path with fp32 compute used to be exact (kernels 0.0); with bitsandbytes 0.50.2
+    # under transformers 5.25 it is not (~1 %), so the bound follows what the kernels measure here.
+    exact_kernels = QUANTIZED[key]["bits"] == 4 and QUANTIZED[key].get("compute_dtype") == "fp32" and kernels == 0.0
     if exact_kernels:
-        assert kernels == 0.0 and gap < 0.005, gap
+        assert gap < 0.005, gap
     else:
         assert 1e-3 < kernels and gap < 1.5 * kernels + 0.005, (gap, kernels)
     # ... and closer than the same adapter on the original (never quantized) weights: the base really is the
@@ -351,8 +353,8 @@ def skip_optimizer_restore(mp) -> None:
         def load_state_dict(self, state):
             pass
 
-    mp.setattr(session, "load_checkpoint", lambda path, state, method, model, optimizer, scheduler:
-               real(path, state, method, model, Untouched(), scheduler))
+    mp.setattr(session, "load_checkpoint", lambda path, state, method, model, optimizer, scheduler, *stage:
+               real(path, state, method, model, Untouched(), scheduler, *stage))
 
 
 def skip_weight_restore(mp) -> None:

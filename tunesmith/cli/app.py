@@ -167,9 +167,14 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
         print(json.dumps(result))
         return
     for s in samples[:5]:
-        print(f"prompt:     {s['prompt'][:200]}\nreference:  {s['reference'][:200]}\nprediction: {s['prediction'][:200]}\n")
+        reference = s["reference"] if isinstance(s["reference"], str) else json.dumps(s["reference"])
+        print(f"prompt:     {s['prompt'][:200]}\nreference:  {reference[:200]}\nprediction: {s['prediction'][:200]}\n")
     em = "n/a" if result["exact_match"] is None else f"{result['exact_match']:.3f}"
     print(f"n {result['n']}  loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  exact match {em}")
+    more = {k: v for k, v in result.items() if k not in ("n", "loss", "perplexity", "exact_match", "tokens", "scored_rows")
+            and isinstance(v, float)}
+    if more:  # pairwise accuracy (preference rows), rewards (prompt rows)
+        print("  ".join(f"{k} {v:.4f}" for k, v in more.items()))
 
 
 @app.command()

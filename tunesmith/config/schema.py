@@ -34,7 +34,7 @@ class DataConfig(Section):
     train_file: str | None = None
     val_file: str | None = None
     test_file: str | None = None
-    format: Literal["alpaca", "messages", "sharegpt", "text", "preference", "unpaired"] | None = None
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference", "unpaired", "prompt"] | None = None
     """Row format; detected from the first row when absent."""
     columns: dict[str, str] = Field(default_factory=dict)
     """Map our field names to yours, e.g. {instruction: question, output: answer}."""
@@ -260,6 +260,8 @@ class DpoStageSection(Section):
     """Weight of an SFT term (the chosen reply's mean token loss) added to the preference loss."""
     precompute_reference: bool = False
     """Score every pair with the reference once before training, instead of at every step."""
+    reference: str | None = None
+    """The model to stay close to: a model (path, hub id, short name) or a run dir; default the starting model."""
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self):
@@ -296,6 +298,8 @@ class KtoStageSection(Section):
     desirable_weight: float = Field(1.0, gt=0)
     """Weight of a desirable reply's loss (raise it when desirable replies are the rarer kind)."""
     undesirable_weight: float = Field(1.0, gt=0)
+    reference: str | None = None
+    """The model to stay close to: a model (path, hub id, short name) or a run dir; default the starting model."""
 
 
 class RmStageSection(Section):
@@ -306,9 +310,89 @@ class RmStageSection(Section):
     """Weight of a term that keeps rewards near zero (the square of each pair's summed rewards)."""
 
 
+class _OnlineStageSection(Section):
+    """What the online stages (grpo, ppo) share: how answers are sampled and which functions score them."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    """The longest answer sampled; a longer one is cut there (and gets no end token)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the answers: higher gives more varied answers to compare."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    rewards: list[str] = Field(default_factory=lambda: ["exact_match"])
+    """Built-in reward names (exact_match, valid_json, json_keys, json_fields, length_penalty) or `module:function` paths."""
+    reward_weights: list[float] | None = None
+    """One weight per reward (default: all 1); an answer's reward is the weighted sum."""
+    answer_field: str = "answer"
+    """The row field that exact_match and json_fields compare an answer with."""
+    required_keys: list[str] = Field(default_factory=list)
+    """The keys json_keys wants in a JSON answer (a row's own `required_keys` field overrides it)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of a per-token KL penalty to the starting model (0: none, and no reference is kept)."""
+    clip_range: float = Field(0.2, gt=0, lt=1)
+    """How far a token's probability ratio to the sampling policy may move before the objective stops rewarding it."""
+    reference: str | None = None
+    """The model the KL is measured to: a model (path, hub id, short name) or a run dir; default the starting model."""
+
+    @model_validator(mode="after")
+    def _weights_fit_rewards(self):
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"stage.reward_weights has {len(self.reward_weights)} weights for "
+                             f"{len(self.rewards)} rewards; give one weight per reward")
+        return self
+
+
+class GrpoStageSection(_OnlineStageSection):
+    """grpo: online — the model answers each prompt several times, reward functions score the answers, and
+    answers better than their group's average are made likelier (group-relative policy optimisation)."""
+
+    name: Literal["grpo"] = "grpo"
+    num_generations: int = Field(4, ge=2)
+    """Answers sampled per prompt (the group whose mean reward is each answer's baseline)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the reward spread of the group, of the whole step, or not at all."""
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if not self.rewards:
+            raise ValueError("stage.rewards is empty: grpo needs at least one reward function")
+        return self
+
+
+class PpoStageSection(_OnlineStageSection):
+    """ppo: online — the model answers each prompt, a reward model (an rm run) or reward functions score the
+    answer, and a value head learns what to expect, so each token is credited with how much better it did."""
+
+    name: Literal["ppo"] = "ppo"
+    reward_model: str | None = None
+    """A run dir trained with stage rm that scores the answers (instead of stage.rewards)."""
+    rewards: list[str] = Field(default_factory=list)
+    kl_coef: float = Field(0.05, ge=0)
+    ppo_epochs: int = Field(4, ge=1)
+    """Optimizer steps on each batch of answers before new ones are sampled."""
+    score_norm: bool = False
+    """Standardise the step's scores (mean 0, deviation 1) before they become rewards."""
+    whiten_rewards: bool = False
+    """Standardise the per-token rewards over the step before the advantages are estimated."""
+    value_clip: float = Field(0.2, gt=0)
+    """How far a value estimate may move from the one made at sampling time before its loss stops counting."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value head's loss beside the policy's."""
+    gamma: float = Field(1.0, gt=0, le=1)
+    """Discount per token of a later reward."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE's lambda: 1 credits each token with everything after it, lower leans on the value estimates."""
+
+    @model_validator(mode="after")
+    def _one_scorer(self):
+        if bool(self.reward_model) == bool(self.rewards):
+            raise ValueError("ppo scores answers with a reward model or with reward functions: set exactly one of "
+                             "stage.reward_model (a run dir trained with stage rm) and stage.rewards")
+        return self
+
+
 STAGE_SECTIONS: dict[str, type[Section]] = {cls.model_fields["name"].default: cls for cls in (
     SftStageSection, PretrainStageSection, DpoStageSection, OrpoStageSection, SimpoStageSection, KtoStageSection,
-    RmStageSection)}
+    RmStageSection, GrpoStageSection, PpoStageSection)}
 """Each stage's own section: `stage.name` picks one, and only its keys belong under `stage:`."""
 StageSection = Annotated[Union[tuple(STAGE_SECTIONS.values())], Field(discriminator="name")]
 

@@ -6,6 +6,8 @@ Formats:
   sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
   text      {"text": str}   (every token trained: continued pre-training style)
   unpaired  {"prompt", "completion", "label": true|false}   (KTO: one reply, marked desirable or not)
+  prompt    {"prompt", ...any other fields}   (GRPO, PPO: the model answers the prompt itself; the other fields
+            go to the reward functions, e.g. the expected answer)
   preference {"prompt", "chosen", "rejected"}: strings, or chat messages (TRL's standard and conversational
             forms, and its implicit-prompt form of two whole conversations); also {"instruction", "input"?,
             "chosen", "rejected", "system"?}
@@ -33,12 +35,16 @@ class Example:
     """A preference pair's rejected reply (its prompt is that of `messages`)."""
     desirable: bool | None = None
     """An unpaired (KTO) row's label: is the reply in `messages` a good one?"""
+    fields: dict | None = None
+    """A prompt row's other fields, for reward functions (then `messages` is the prompt alone)."""
+    prompt: object = None
+    """A prompt row's prompt as written (a string or chat messages): what reward functions are given."""
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
         """Everything before the last assistant reply: what a user would send at inference."""
         assert self.messages is not None
-        return self.messages[:-1]
+        return self.messages if self.fields is not None else self.messages[:-1]
 
     @property
     def reference(self) -> str:
@@ -181,6 +187,8 @@ def _preference(row: Row, columns: dict[str, str]) -> Example:
 
 
 PREFERENCE_STAGES = ("dpo", "orpo", "simpo", "rm")
+ONLINE_STAGES = ("grpo", "ppo")
+"""Stages that answer the prompts themselves during training."""
 
 
 def _unpaired(row: Row, columns: dict[str, str]) -> Example:
@@ -203,6 +211,20 @@ def _unpaired(row: Row, columns: dict[str, str]) -> Example:
                    where=row.where)
 
 
+def _prompt_only(row: Row, columns: dict[str, str]) -> Example:
+    """A GRPO row: a prompt for the model to answer, and fields its reward functions may read."""
+    key = _field(row, "prompt", columns)
+    if key not in row.data:
+        raise BadRow(f"{row.where}: missing field '{key}'")
+    value = row.data[key]
+    prompt = ([{"role": "user", "content": _string(row, columns, "prompt", required=True)}]
+              if not isinstance(value, list) else _turns(value, row.where, key))
+    if prompt[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in prompt):
+        raise BadRow(f"{row.where}: field '{key}' must hold a user message and end before the reply")
+    fields = {k: v for k, v in row.data.items() if k != key}
+    return Example(messages=prompt, fields=fields, prompt=value, where=row.where)
+
+
 @dataclass(frozen=True)
 class DataFormat:
     name: str
@@ -214,6 +236,8 @@ class DataFormat:
     """The training stages its rows can train."""
     paired: bool = False
     """Each row is a preference pair (a chosen and a rejected reply to one prompt)."""
+    prompts_only: bool = False
+    """Rows hold prompts without replies: the stage generates the replies (kept in memory, with their fields)."""
 
     def explanation(self) -> dict[str, str]:
         return choice("data.format", self.name)
@@ -226,8 +250,9 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     DataFormat("text", "text", _text, ("sft", "pretrain")),
     DataFormat("preference", "chosen", _preference, PREFERENCE_STAGES, paired=True),
     DataFormat("unpaired", "completion", _unpaired, ("kto",)),
+    DataFormat("prompt", "prompt", _prompt_only, ONLINE_STAGES, prompts_only=True),
 )}
-DETECTION_ORDER = ("preference", "unpaired", "messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
+DETECTION_ORDER = ("preference", "unpaired", "prompt", "messages", "sharegpt", "alpaca", "text")  # the order a first row's keys are tried in
 
 
 def detect_format(row: Row, columns: dict[str, str]) -> str:
@@ -237,8 +262,8 @@ def detect_format(row: Row, columns: dict[str, str]) -> str:
             return fmt
     raise DataError(
         f"{row.where}: cannot tell the data format from the keys {sorted(keys)}. Expected 'instruction'+'output' "
-        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'text', or 'prompt'+'chosen'+'rejected' "
-        "(preference pairs). Set data.format, and map "
+        "(alpaca), 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'text', 'prompt'+'chosen'+'rejected' "
+        "(preference pairs), 'prompt'+'completion'+'label' (KTO) or 'prompt' alone (GRPO). Set data.format, and map "
         "your column names with data.columns, e.g. {instruction: question, output: answer}."
     )
 

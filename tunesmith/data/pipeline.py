@@ -23,8 +23,8 @@ from tunesmith.config.schema import Config, DataConfig
 from tunesmith.data.formats import FORMATS, Example, detect_format, to_example
 from tunesmith.data.reading import BadRow, Row, iter_rows
 from tunesmith.data.split import seeded_split
-from tunesmith.data.templates import IGNORE, install_template, render, resolve_template
-from tunesmith.data.token_store import Pair, PairStore, Tokenized, TokenStore
+from tunesmith.data.templates import IGNORE, encode_prompt, install_template, render, resolve_template
+from tunesmith.data.token_store import Pair, PairStore, Prompt, Tokenized, TokenStore
 from tunesmith.errors import DataError
 from tunesmith.models.loading import load_tokenizer, resolve
 
@@ -112,8 +112,11 @@ class DataReport:
                 lines.append(line)
             if "length" in d:
                 L = d["length"]
+                trained = (f"prompt tokens {d['tokens']:,} (the replies are generated in training)"
+                           if FORMATS.get(self.format) and FORMATS[self.format].prompts_only
+                           else f"trained tokens {s.trained_tokens:,} of {d['tokens']:,}")
                 lines.append(f"        tokens/row p50 {L['p50']}  p90 {L['p90']}  p99 {L['p99']}  max {L['max']}"
-                             f"   trained tokens {s.trained_tokens:,} of {d['tokens']:,}")
+                             f"   {trained}")
         return "\n".join(lines)
 
 
@@ -179,6 +182,7 @@ def content_key(example: Example) -> int:
     """Rows with the same content after normalisation (column names and order do not matter) share a key."""
     extra = [example.rejected] if example.rejected is not None else []
     extra += [example.desirable] if example.desirable is not None else []
+    extra += [example.fields] if example.fields is not None else []
     blob = json.dumps([example.messages, example.text] + extra, sort_keys=True, ensure_ascii=False)
     return int.from_bytes(hashlib.blake2b(blob.encode("utf-8"), digest_size=8).digest(), "little")
 
@@ -195,6 +199,16 @@ def tokenize_into(sink, report: SplitReport, example: Example, tokenizer, cfg: D
     pair is rendered twice, prompt + chosen and prompt + rejected (the prompt's ids are the same in both, as
     segments are tokenized one by one), its prompt never trained; a TokenStore gets its two rows in turn."""
     report.rows += 1
+    if example.fields is not None:  # a prompt row: its prompt ids, never cut (that would cut off where the reply starts)
+        ids = encode_prompt(tokenizer, example.messages)
+        report.raw_lengths.append(len(ids))
+        if len(ids) > cfg.max_seq_length:
+            report.dropped[f"prompt longer than max_seq_length {cfg.max_seq_length}"] += 1
+            return False
+        sink.append(Prompt(ids, example.prompt, example.fields))
+        report.kept += 1
+        report.lengths.append(len(ids))
+        return True
     if example.rejected is not None:
         rejected = Example(messages=example.prompt_messages + [{"role": "assistant", "content": example.rejected}])
         rendered = [render(tokenizer, example), render(tokenizer, rejected)]
@@ -319,7 +333,8 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None, block
 
     # ---- pass 2: render and tokenize each training-file row into its split, and copy the row
     reports = {name: SplitReport(name=name) for name in ("train", "val", "test")}
-    train = TokenStore(work_dir / "tokens", "train")
+    # Prompt rows (GRPO) stay in memory with their fields; rendered rows go to a memory-mapped token file.
+    train = [] if FORMATS[fmt].prompts_only else TokenStore(work_dir / "tokens", "train")
     val: list[Tokenized] = []
     blocks = blocks if fmt == "text" else None  # other rows are kept whole; the stage then refuses them
     cutters = {"train": BlockCutter(cfg.max_seq_length, train, reports["train"], blocks == "isolated"),
@@ -349,7 +364,8 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None, block
             f.close()
     if cutters:
         cutters["train"].close()
-    train.close()
+    if isinstance(train, TokenStore):
+        train.close()
     if FORMATS[fmt].paired:
         train = PairStore(train)
     for _, ex in val_pairs:
@@ -379,6 +395,10 @@ def prepare_data(cfg: DataConfig, tokenizer, work_dir: Path | None = None, block
 def show_examples(tokenizer, items: list[Tokenized], n: int) -> str:
     """Token-by-token view of rendered examples; trained tokens in [brackets], so masking and EOS are visible."""
     blocks = []
+    if items and isinstance(items[0], Prompt):
+        return "\n".join(f"--- prompt {k + 1}: {len(p)} tokens (the reply is generated) ---\n"
+                         f"{tokenizer.decode(list(p.input_ids))}\n    fields: {json.dumps(p.fields, ensure_ascii=False)}"
+                         for k, p in enumerate(items[:n]))
     if items and isinstance(items[0], Pair):
         items = [side for pair in items[:n] for side in (pair.chosen, pair.rejected)]
         n *= 2

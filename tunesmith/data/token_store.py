@@ -58,6 +58,23 @@ class Pair:
         return max(len(self.chosen), len(self.rejected))
 
 
+@dataclass
+class Prompt:
+    """A prompt row of an online stage (GRPO): the prompt's ids up to where the reply starts, and what the
+    reward functions are given besides the reply."""
+
+    input_ids: Sequence[int]
+    prompt: object
+    """The prompt as written in the row (a string or chat messages)."""
+    fields: dict
+    """The row's other fields (an expected answer, required keys, ...)."""
+
+    n_targets = 0  # nothing in the row itself is trained: the replies are generated
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
 def _position(i: int, n: int) -> int:
     """A list's index rules: negative counts from the end; out of range is an IndexError."""
     if i < 0:

@@ -70,11 +70,21 @@ def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-def write_dataset(path: str | Path, n: int = 600, seed: int = 0, preference: bool = False) -> Path:
+def make_prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """The demo task as GRPO prompts: the sentence to extract from, and the answer as an object (exact_match
+    compares a JSON reply with it by value, so key order and spacing do not matter)."""
+    rng = random.Random(seed)
+    return [{"prompt": f"{row['instruction']}\n\n{row['input']}", "answer": json.loads(row["output"])}
+            for row in (make_row(rng) for _ in range(n))]
+
+
+def write_dataset(path: str | Path, n: int = 600, seed: int = 0, preference: bool = False,
+                  prompts: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    make = make_prompt_rows if prompts else make_preference_rows if preference else make_rows
     with path.open("w", encoding="utf-8") as f:
-        for row in (make_preference_rows if preference else make_rows)(n, seed):
+        for row in make(n, seed):
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -84,5 +94,7 @@ if __name__ == "__main__":
 
     if "--preference" in sys.argv:
         print(write_dataset("examples/data/extract_people_pairs.jsonl", preference=True))
+    elif "--prompts" in sys.argv:
+        print(write_dataset("examples/data/extract_people_prompts.jsonl", prompts=True))
     else:
         print(write_dataset(sys.argv[1] if len(sys.argv) > 1 else "examples/data/extract_people.jsonl"))

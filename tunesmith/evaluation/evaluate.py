@@ -14,6 +14,8 @@ from tunesmith.data.token_store import Pair
 from tunesmith.inference.generate import Sampling, generate_batch
 from tunesmith.stages.preference import pair_batch
 from tunesmith.stages.reward import rewards
+from tunesmith.stages.rewards import exact_match as exact_match_reward
+from tunesmith.stages.rewards import reward_functions, score
 from tunesmith.stages.tokens import mean_loss, sequence_logps
 
 
@@ -42,9 +44,11 @@ def pairwise(model, pairs: list[Pair], batch_size: int, pad_id: int, head=None) 
 
 
 def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int | None = None,
-                  max_new_tokens: int = 256) -> dict[str, Any]:
+                  max_new_tokens: int = 256, rewards_of=None) -> dict[str, Any]:
     """Loss, perplexity and exact match of `loaded` (see run_dir.load_for_inference) on a data file, in
-    batches of `batch_size` rows (default: the run's eval.batch_size)."""
+    batches of `batch_size` rows (default: the run's eval.batch_size). Prompt rows are scored by the reward
+    functions of `rewards_of` (a grpo or ppo stage section: score a base model as its tuned run is scored),
+    else of the loaded run."""
     from tunesmith.config.schema import DataConfig, EvalConfig
 
     if batch_size is None:
@@ -54,6 +58,8 @@ def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch
     cfg.on_bad_row = "error"
     _, pairs = load_examples(str(data_file), cfg, cfg.format if loaded.config else None, [])
     examples = [ex for _, ex in pairs][:limit]
+    if examples and examples[0].fields is not None:  # prompt rows (grpo): nothing to score but the answers
+        return evaluate_prompts(loaded, examples, batch_size, max_new_tokens, rewards_of)
     tokenized, report = tokenize_split("eval", examples, loaded.tokenizer, cfg)
     paired = bool(tokenized) and isinstance(tokenized[0], Pair)
     # Preference pairs: the loss and perplexity are the chosen replies'; pairwise accuracy says how often the
@@ -74,3 +80,36 @@ def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch
     else:
         result["exact_match"] = None
     return result
+
+
+def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, section=None) -> dict[str, Any]:
+    """Prompt rows have no reply to score a loss on: greedy answers, scored by reward functions (`section`'s,
+    or the run's stage.rewards, else exact_match against an `answer` field), and their exact match."""
+    from tunesmith.config.schema import GrpoStageSection
+
+    own = loaded.config.stage if loaded.config and getattr(loaded.config.stage, "rewards", None) else None
+    section = section or own or GrpoStageSection()
+    functions = reward_functions(section)
+    preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in examples],
+                           Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size)
+    ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in preds]
+    fields = [ex.fields for ex in examples]
+    table = torch.tensor(score(functions, [ex.prompt for ex in examples], preds, ids, fields), dtype=torch.float64)
+    weights = torch.tensor(section.reward_weights or [1.0] * len(functions), dtype=torch.float64)
+    total = (torch.nan_to_num(table) * weights).sum(1)
+    total[table.isnan().all(1)] = float("nan")
+    answers = [f.get(section.answer_field) for f in fields]
+    with_answer = [(p, a) for p, a in zip(preds, answers) if a is not None]
+    match = score([("exact_match", exact_match_reward(section))], ["p"] * len(with_answer),
+                  [p for p, _ in with_answer], [[]] * len(with_answer),
+                  [{section.answer_field: a} for _, a in with_answer]) if with_answer else []
+    return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "n": len(examples),
+            "reward": _nanmean(total),
+            **{f"rewards/{name}": _nanmean(table[:, i]) for i, (name, _) in enumerate(functions)},
+            "exact_match": sum(m[0] for m in match) / len(match) if match else None,
+            "samples": [{"prompt": ex.prompt_messages[-1]["content"], "reference": a, "prediction": p}
+                        for ex, a, p in zip(examples, answers, preds)]}
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    return float(torch.nanmean(x)) if (~x.isnan()).any() else float("nan")

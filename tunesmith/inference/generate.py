@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.data.templates import encode_prompt
+from tunesmith.models.generation import sample_replies
 
 
 @dataclass
@@ -28,26 +29,15 @@ class Sampling:
         return kwargs
 
 
-@torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict[str, str]]], sampling: Sampling | None = None,
                    batch_size: int = 16) -> list[str]:
     """Replies for many conversations, left-padded in batches; each reply stops at EOS."""
     sampling = sampling or Sampling()
-    device = next(model.parameters()).device
-    replies: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        prompts = [encode_prompt(tokenizer, conv) for conv in conversations[start:start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             **sampling.generate_kwargs(tokenizer))
-        for row in out[:, width:]:
-            replies.append(tokenizer.decode(_until_eos(row.tolist(), tokenizer.eos_token_id), skip_special_tokens=True))
-    return replies
+    prompts = [encode_prompt(tokenizer, conv) for conv in conversations]
+    replies = sample_replies(model, prompts, tokenizer.pad_token_id, [tokenizer.eos_token_id], sampling.max_new_tokens,
+                             sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty,
+                             batch_size, keep_stop=False)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in replies]
 
 
 def _until_eos(ids: list[int], eos_id: int) -> list[int]:

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from tunesmith.config.schema import Config
-from tunesmith.methods import Method, get_method
-from tunesmith.models.device import pick_device
-from tunesmith.models.loading import ModelSource, load_causal_lm, load_tokenizer, resolve
-from tunesmith.run.run_dir import RunDir, is_run_dir
+from tunesmith.methods import Method
+from tunesmith.methods.runs import load_run_model, run_tokenizer
+from tunesmith.models.loading import load_causal_lm, load_tokenizer, resolve
+from tunesmith.run.run_dir import is_run_dir
 
 
 @dataclass
@@ -45,30 +45,12 @@ def load_for_inference(run_or_model: str | Path, checkpoint: str | None = None) 
         model = load_causal_lm(source)
         model.eval()
         return Loaded(model, tokenizer, None, None, None)
-    run = RunDir(path)
-    cfg = run.read_config()
-    weights = run.weights(checkpoint)
-    source = resolve(cfg.model.name_or_path, cfg.model.gguf_file)
-    method = get_method(cfg.method)
-    device = pick_device("auto") if method.quantized else torch.device("cpu")
-
-    def load_base(quantized: bool = True, on: torch.device | None = None):
-        extra = method.load_kwargs(on or device) if quantized else {}
-        return load_causal_lm(source, trust_remote_code=cfg.model.trust_remote_code, **extra)
-
-    model = method.load(load_base, weights)
-    model.eval()
-    tokenizer = load_tokenizer(ModelSource(str(run.tokenizer)))
-    return Loaded(model, tokenizer, method, cfg, path, head=_reward_head(model, weights))
+    model, method, cfg, weights = load_run_model(path, checkpoint)
+    head = _reward_head(model, weights) if cfg.stage.name == "rm" else None
+    return Loaded(model, run_tokenizer(path), method, cfg, path, head=head)
 
 
-def _reward_head(model, weights: Path) -> torch.nn.Module | None:
-    from tunesmith.stages.base import MODULES_FILE, load_modules
-    from tunesmith.stages.reward import HEAD, new_head
+def _reward_head(model, weights: Path) -> torch.nn.Module:
+    from tunesmith.stages.reward import load_head
 
-    path = weights / MODULES_FILE
-    if not path.exists():
-        return None
-    head = new_head(model).to(next(model.parameters()).device)
-    load_modules({HEAD: head}, path)
-    return head.eval()
+    return load_head(model, weights)

@@ -29,7 +29,7 @@ class Method(ABC):
     """Its own section of the config (config/schema.py): the method.* keys it reads."""
     init_values: dict[str, Any] = {}
     """Values `tunesmith init` starts a config with (train.lr above all)."""
-    stages: tuple[str, ...] = ("sft", "pretrain", "dpo", "orpo", "simpo", "kto", "rm")
+    stages: tuple[str, ...] = ("sft", "pretrain", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")
     """The training stages it supports."""
     packages: tuple[tuple[str, str], ...] = ()
     """(import name, what to pip install) for each package it needs beyond the core install (the config parses

@@ -5,6 +5,11 @@ transformers' own SDPA path keeps attention within each example with a dense blo
 whole row: (sum of lengths)² scores, most of them masked. Here each example gets its own causal SDPA call,
 so attention costs the sum of squared lengths, as it would unpacked. Padded batches (with an attention
 mask) take transformers' SDPA path.
+
+A segment whose positions restart at p > 0 instead of 0 is a branch of the example before it: it continues
+that example's first p tokens (its shared prefix) in place of what followed them. A preference pair packs as
+prompt + chosen reply, then the rejected reply as a branch at the prompt's length, so the prompt is computed
+once for both replies (stages/preference.py).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from tunesmith.models.layers import causal_lm
 NAME = "tunesmith_sdpa"
 
 
-def _segment_bounds(position_ids: torch.Tensor) -> list[int]:
-    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    return starts + [position_ids.shape[1]]
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start, end, first position) of each run of consecutive positions in a packed row."""
+    positions = position_ids[0]
+    breaks = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten().add(1).tolist()
+    bounds = [0] + breaks + [len(positions)]
+    return [(a, b, int(positions[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def packed_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -29,14 +35,26 @@ def packed_sdpa(module, query, key, value, attention_mask, **kwargs):
     position_ids = kwargs.pop("position_ids", None)
     if attention_mask is not None or position_ids is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = _segment_bounds(position_ids)
-    if len(bounds) == 2:  # one example per row: plain causal attention
+    segments = _segments(position_ids)
+    if len(segments) == 1 and segments[0][2] == 0:  # one example per row: plain causal attention
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed row per batch")
-    pieces = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                     is_causal=True, **kwargs)[0]
-              for a, b in zip(bounds[:-1], bounds[1:])]
+    pieces, example = [], 0
+    for a, b, first in segments:
+        if first == 0:  # a new example: causal within itself
+            example = a
+            pieces.append(sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                                 is_causal=True, **kwargs)[0])
+            continue
+        # a branch: its queries see the example's first `first` tokens, then themselves causally
+        keys = torch.cat([key[:, :, example:example + first], key[:, :, a:b]], dim=2)
+        values = torch.cat([value[:, :, example:example + first], value[:, :, a:b]], dim=2)
+        n = b - a
+        allowed = torch.ones(n, first + n, dtype=torch.bool, device=query.device)
+        allowed[:, first:] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        pieces.append(sdpa_attention_forward(module, query[:, :, a:b], keys, values, allowed[None, None],
+                                             is_causal=False, **kwargs)[0])
     return torch.cat(pieces, dim=1), None  # outputs are (batch, sequence, heads, head_dim)
 
 

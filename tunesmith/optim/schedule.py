@@ -14,7 +14,8 @@ def total_steps(cfg: Config, n_train: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    return max(1, math.ceil(cfg.train.epochs * n_train / rows_per_step))
+    repeats = getattr(cfg.stage, "ppo_epochs", 1)  # ppo trains on each sampled batch for this many steps
+    return max(1, math.ceil(cfg.train.epochs * n_train / rows_per_step)) * repeats
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:

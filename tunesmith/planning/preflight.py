@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tunesmith.config.schema import Config
+from tunesmith.data.formats import FORMATS
 from tunesmith.data.pipeline import DataReport
 from tunesmith.planning.doctor import Finding
 from tunesmith.planning.speed import duration
@@ -76,8 +77,12 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
     if train is not None and train.lengths:
         seq = min(seq, max(train.lengths))
         share = train.trained_tokens / max(sum(train.lengths), 1) if cfg.train.logits_at_labels_only else 1.0
+    new = getattr(cfg.stage, "max_new_tokens", 0)  # an online stage's rows are its prompts and the answers it samples
+    if new:
+        seq += new
+        share = new / seq if cfg.train.logits_at_labels_only else 1.0
     return Plan(shape, method=cfg.method.name, precision="bf16" if machine.precision == "bf16" else "fp32",
-                micro_batch=cfg.train.micro_batch_size * STAGES[cfg.stage.name].rows_per_item,
+                micro_batch=cfg.train.micro_batch_size * STAGES[cfg.stage.name].rows_per(cfg.stage),
                 grad_accum=cfg.train.grad_accum_steps, seq=seq, stage=cfg.stage.name,
                 device="cuda" if machine.device == "cuda" else "cpu",
                 device_memory=machine.memory, gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -266,6 +271,10 @@ def splits(cfg: Config, report: DataReport) -> list[Finding]:
     if not n_val:
         out.append(Finding("warning", "validation", "no validation rows: overfitting will not show",
                            "data.val_size: 0.1 (or a count such as 200), or data.val_file"))
+    elif FORMATS.get(report.format) and FORMATS[report.format].prompts_only:  # answers are scored, not tokens
+        if n_val < 16:
+            out.append(Finding("warning", "validation", f"only {n_val} validation prompts: the held-out reward "
+                               "will be noisy", "data.val_size: 32 or more prompts"))
     elif n_val < 20 or val.trained_tokens < 1000:
         out.append(Finding("warning", "validation", f"only {n_val} validation rows ({val.trained_tokens:,} scored "
                            "tokens): val_loss will be noisy",

@@ -2,7 +2,8 @@
 
 checkpoints/step-000120/
   adapter_model.safetensors | model.safetensors | trainable.safetensors   what the method trains
-  stage_modules.safetensors                   what the stage trains itself, if anything (rm's scalar head)
+  stage_modules.safetensors                   what the stage trains itself, if anything (rm's scalar head, ppo's value head)
+  stage_state.json                            what an online stage carries between steps (ppo's sampled batch)
   optimizer.safetensors + optimizer.json      AdamW moments (tensors) and param groups (JSON)
   rng.safetensors                             torch (and CUDA) generator states
   trainer_state.json                          step, data position, scheduler, Python/NumPy RNG, fingerprint

@@ -59,7 +59,12 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+REWARD_CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margin", "reward", "score", "kl")
+"""Per-step numbers of the preference and online stages that get their own panel beside the loss."""
+
+
 def plot_losses(metrics_path: Path, out_png: Path) -> None:
+    """The loss curves; for stages that report rewards (dpo, kto, rm, grpo, ppo) a second panel with them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,15 +73,34 @@ def plot_losses(metrics_path: Path, out_png: Path) -> None:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    curves = {key: [(r["step"], r[key]) for r in records if key in r and "loss" in r] for key in REWARD_CURVES}
+    curves = {key: points for key, points in curves.items() if points}
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss (nats per token)" if not curves else "loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if curves:
+        ax = axes[0, 1]
+        for key, points in curves.items():
+            ax.plot(*zip(*points), label=key, linewidth=1)
+        if "reward" in curves:  # grpo: the spread of the step's rewards around their mean
+            spread = [(r["step"], r["reward"], r.get("reward_std", 0.0)) for r in records if "reward" in r and "loss" in r]
+            steps, mean, std = zip(*spread)
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
+        held_out = [(r["step"], r.get("val_reward", r.get("val_score"))) for r in records
+                    if "val_reward" in r or "val_score" in r]
+        if held_out:
+            ax.plot(*zip(*held_out), "o-", label="held-out reward")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -31,12 +31,25 @@ class Stage(ABC):
     """True for stages that score batches with a frozen copy of the starting model too (DPO, KTO)."""
     can_pack: bool = True
     """Whether micro-batches may be packed (rows end to end): only where rows are scored independently."""
+    packs_by_default: bool = False
+    """Its batches are packed wherever the model allows it, whatever train.packing says (preference pairs
+    share their prompt's forward pass that way)."""
     init_values: dict[str, Any] = {}
     """Values `tunesmith init` writes for it beyond stage.name."""
     needs_packed_attention: bool = False
     """Its batches are packed rows whatever train.packing says (pre-training blocks of several documents)."""
     rows_per_item: int = 1
     """Model rows per training item: 2 for a preference pair (chosen and rejected in one batch)."""
+    tokenizer = None
+    """Set by the session before prepare(): online stages decode what they sample."""
+    models: dict[str, Any] = {}
+    """Set by the session before prepare(): the models the stage's settings name, loaded and frozen
+    ("reference" from stage.reference; "reward_model", a (body, head) pair, from stage.reward_model)."""
+
+    @classmethod
+    def rows_per(cls, section: Section) -> int:
+        """Model rows per training item under this config (GRPO: stage.num_generations answers per prompt)."""
+        return cls.rows_per_item
 
     @classmethod
     def explanation(cls) -> dict[str, str]:
@@ -94,6 +107,16 @@ class Stage(ABC):
     def prepare(self, model, method, data, device, precision: str, pad_id: int) -> None:
         """Once the model is built and placed, before the optimizer and any resume: what the stage keeps beside
         the model (DPO's reference). It may replace data.train or data.val by views of them."""
+
+    def rows_wanted(self, step: int, rows_per_step: int) -> int:
+        """How many new data rows step `step` takes: all of them, or none while an online stage (PPO) trains
+        again on the answers it sampled at an earlier step."""
+        return rows_per_step
+
+    def collect(self, model: torch.nn.Module, rows: Sequence[Any], step: int) -> Sequence[Any]:
+        """What the step trains on: the data rows themselves, or for an online stage (GRPO) answers it samples
+        from `model` for them now. It must depend only on the rows, the weights and the step (exact resume)."""
+        return rows
 
     def step_metrics(self, rows: Sequence[Any]) -> dict[str, float]:
         """Numbers of one step for metrics.jsonl besides loss, lr and timing."""

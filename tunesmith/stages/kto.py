@@ -54,7 +54,7 @@ class KtoStage(Stage):
         return reference_memory(plan, "a frozen copy of the starting weights")
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
-        self.reference = Reference(model, method)
+        self.reference = Reference(model, method, external=self.models.get("reference"))
 
     def count(self, rows: Sequence[Tokenized]) -> int:
         return len(rows)

@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.batching import collate
+from tunesmith.data.templates import IGNORE
 from tunesmith.data.token_store import Pair
+from tunesmith.models.attention import use_packed_attention
 from tunesmith.models.device import autocast
 from tunesmith.stages.base import Stage
-from tunesmith.stages.tokens import sequence_logps
+from tunesmith.stages.tokens import sequence_logps, token_logps
 
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
 
@@ -40,6 +42,44 @@ def pair_batch(pairs, pad_id: int) -> dict[str, torch.Tensor]:
     return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
+def shared_prompt_batch(pairs) -> dict[str, torch.Tensor]:
+    """k pairs packed in one row with no padding, each as its prompt, the chosen reply, then the rejected reply
+    as a branch that continues the prompt (positions restart at the prompt's length; models/attention.py):
+    the prompt's tokens go through the model once for both replies. Sequences are numbered as in pair_batch
+    (chosen 0..k-1, rejected k..2k-1), and each scored token is read where its own sequence predicts it: the
+    rejected reply's first token from the prompt's last position."""
+    ids, positions, where, tokens, seqs = [], [], [], [], []
+    k = len(pairs)
+    for i, pair in enumerate(pairs):
+        chosen, rejected = list(pair.chosen.input_ids), list(pair.rejected.input_ids)
+        c_labels, r_labels = list(pair.chosen.labels), list(pair.rejected.labels)
+        shared = 0  # the prompt: the common prefix before either side's first label
+        limit = min(len(chosen), len(rejected), _first_label(c_labels), _first_label(r_labels))
+        while shared < limit and chosen[shared] == rejected[shared]:
+            shared += 1
+        start = len(ids)
+        ids += chosen
+        positions += range(len(chosen))
+        branch = len(ids)
+        ids += rejected[shared:]
+        positions += range(shared, len(rejected))
+        for side, labels, seq in ((0, c_labels, i), (1, r_labels, k + i)):
+            for t in range(1, len(labels)):
+                if labels[t] == IGNORE:
+                    continue
+                s = t - 1  # the sequence position whose output predicts token t
+                where.append(start + s if side == 0 or s < shared else branch + s - shared)
+                tokens.append(labels[t])
+                seqs.append(seq)
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "score_from": torch.tensor(where), "score_token": torch.tensor(tokens), "score_seq": torch.tensor(seqs),
+            "n_sequences": torch.tensor(2 * k)}
+
+
+def _first_label(labels) -> int:
+    return next((t for t, label in enumerate(labels) if label != IGNORE), len(labels))
+
+
 def reference_memory(plan, note: str) -> list[tuple[str, float, str]]:
     """What a stage's Reference adds to `estimate`: nothing for adapter methods (adapters switched off give
     it), a copy of the model as it trains (fp32 weights) for full and freeze."""
@@ -51,12 +91,15 @@ def reference_memory(plan, note: str) -> list[tuple[str, float, str]]:
 class Reference:
     """The starting model a stage compares with: for adapter methods the same model with its adapters off
     (Method.starting_model), for methods that train the weights themselves a frozen copy taken now, before
-    any step or resume (unless `copy_weights` is False: the caller scores everything before training)."""
+    any step or resume (unless `copy_weights` is False: the caller scores everything before training), or
+    the model the user named (stage.reference)."""
 
-    def __init__(self, model, method, copy_weights: bool = True):
+    def __init__(self, model, method, copy_weights: bool = True, external=None):
         self._starting = lambda: method.starting_model(model)
-        self.copy = None
-        if copy_weights and method.starting_model(model) is None:
+        self.copy = external  # stage.reference: a model or run the user named, loaded frozen by the session
+        if external is not None:
+            use_packed_attention(external)  # it scores the same (possibly packed) batches as the policy
+        if external is None and copy_weights and method.starting_model(model) is None:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)
 
     def starting(self):
@@ -65,16 +108,27 @@ class Reference:
 
     @torch.no_grad()
     def logps(self, model, batch, labels_only: bool = True) -> torch.Tensor:
+        """Each sequence's summed label-token log-probability under the starting model."""
         if self.copy is not None:
             return sequence_logps(self.copy, batch, labels_only)[0]
         with self.starting():
             return sequence_logps(model, batch, labels_only)[0]
 
+    @torch.no_grad()
+    def token_logps(self, model, batch, labels_only: bool = True, temperature: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each label token's log-probability under the starting model (see tokens.token_logps)."""
+        if self.copy is not None:
+            return token_logps(self.copy, batch, labels_only, temperature)
+        with self.starting():
+            return token_logps(model, batch, labels_only, temperature)
+
 
 class PreferenceStage(Stage):
     """What the preference stages share: pairs in, pairs counted, rewards logged."""
 
-    can_pack = False
+    can_pack = True
+    packs_by_default = True  # the shared-prompt layout, wherever the model's attention allows it
     rows_per_item = 2
     init_values = {"data.format": "preference"}
 
@@ -90,7 +144,7 @@ class PreferenceStage(Stage):
         out = []
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
-            batch = pair_batch(chunk, pad_id)
+            batch = shared_prompt_batch(chunk) if packed else pair_batch(chunk, pad_id)
             if chunk[0].reference is not None:
                 batch["reference"] = torch.tensor([p.reference[0] for p in chunk] + [p.reference[1] for p in chunk],
                                                   dtype=torch.float32)
@@ -148,7 +202,8 @@ class DpoStage(PreferenceStage):
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         """Set up the reference: adapters off, a frozen copy, or every pair scored once now."""
-        self.reference = Reference(model, method, copy_weights=not self.cfg.precompute_reference)
+        self.reference = Reference(model, method, copy_weights=not self.cfg.precompute_reference,
+                                   external=self.models.get("reference"))
         if self.cfg.precompute_reference:
             for name in ("train", "val"):
                 setattr(data, name, _with_reference(getattr(data, name), self, model, device, precision, pad_id))
@@ -246,7 +301,10 @@ def _with_reference(pairs, stage: DpoStage, model, device, precision, pad_id, si
             chunk = [pairs[i] for i in range(start, min(start + size, len(pairs)))]
             batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
             with autocast(device, precision):
-                chosen, rejected, _, _ = stage.scores(model, batch)
+                if stage.reference.copy is not None:  # a reference the user named (stage.reference)
+                    chosen, rejected = stage.reference.logps(model, batch, stage.run.train.logits_at_labels_only).chunk(2)
+                else:
+                    chosen, rejected, _, _ = stage.scores(model, batch)
             scores[start:start + len(chunk)] = torch.stack([chosen, rejected], 1).float().cpu()
     model.train(was_training)
     return _Scored(pairs, scores)

@@ -9,6 +9,8 @@ the body's adapters, full the body itself) and is saved as `stage_modules.safete
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,15 @@ def new_head(model) -> torch.nn.Linear:
     head = torch.nn.Linear(config.hidden_size, 1, bias=False)
     torch.nn.init.normal_(head.weight, std=getattr(config, "initializer_range", 0.02))
     return head
+
+
+def load_head(model, weights: Path) -> torch.nn.Module:
+    """An rm run's trained head, from its weights directory (final/ or a checkpoint), beside `model`."""
+    from tunesmith.stages.base import MODULES_FILE, load_modules
+
+    head = new_head(model).to(next(model.parameters()).device)
+    load_modules({HEAD: head}, weights / MODULES_FILE)
+    return head.eval()
 
 
 def last_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> torch.Tensor:
@@ -53,6 +64,8 @@ class RewardStage(PreferenceStage):
     """rm: rewards/chosen and rewards/rejected are the head's scores; accuracy is how often chosen wins."""
 
     name = "rm"
+    can_pack = False  # the head reads each row's last token: padded rows, one sequence each
+    packs_by_default = False
 
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:

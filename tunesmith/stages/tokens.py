@@ -56,10 +56,11 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], labels_only: bool = Tr
     return F.cross_entropy(logits.float(), targets[scored], reduction="sum"), n
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of each row's label-token log-probabilities, its label-token count), for a padded batch: the score
-    preference stages compare. The same two paths as token_loss_sum."""
+def token_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = True, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each label token, where labels are), both shaped like the targets (rows × length-1;
+    0 where there is no label): what the per-token objectives (GRPO) weigh, under the distribution sampled at
+    `temperature`. The same two paths as token_loss_sum."""
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE
     virtual = virtual_tokens(model)
@@ -69,10 +70,38 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = Tr
     else:
         hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state
         logits = lm.get_output_embeddings()(hidden[:, :-1][scored])
-    token_logps = -F.cross_entropy(logits.float(), targets[scored], reduction="none")
-    rows = scored.nonzero()[:, 0]
-    sums = torch.zeros(len(targets), dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    return sums, scored.sum(1)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    values = -F.cross_entropy(logits, targets[scored], reduction="none")
+    out = torch.zeros(targets.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(scored, values), scored
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of each sequence's label-token log-probabilities, its label-token count): the score preference
+    stages compare. A padded batch holds one sequence per row; a packed one (with `score_from`) says for each
+    scored token where its prediction is read, which token it is and whose sequence it belongs to."""
+    if "score_from" in batch:
+        return indexed_logps(model, batch, labels_only)
+    logps, scored = token_logps(model, batch, labels_only)
+    return logps.sum(1), scored.sum(1)
+
+
+def indexed_logps(model, batch: dict[str, torch.Tensor], labels_only: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps for one packed row whose tokens are scored at explicit positions: `score_from` (the
+    position whose output predicts the token), `score_token`, `score_seq` (the sequence it counts for)."""
+    where, tokens, seqs = batch["score_from"], batch["score_token"], batch["score_seq"]
+    n = int(batch["n_sequences"])
+    lm = causal_lm(model)
+    if not labels_only or getattr(lm.config, "final_logit_softcapping", None):
+        logits = model(**model_inputs(batch)).logits[0, where]
+    else:
+        hidden = lm.get_decoder()(**model_inputs(batch)).last_hidden_state
+        logits = lm.get_output_embeddings()(hidden[0, where])
+    values = -F.cross_entropy(logits.float(), tokens, reduction="none")
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seqs, values)
+    return sums, torch.bincount(seqs, minlength=n)
 
 
 @torch.no_grad()

@@ -152,13 +152,17 @@ class ProgressBar:
             self.seen_tokens += event.metrics.get("tokens", 0)
             self.bar.update(1)
             if event.step % self.log_interval == 0 or event.step == self.steps:
-                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}",
+                online = {k: f"{event.metrics[k]:.3f}" for k in ("reward", "score") if k in event.metrics}
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", **online, lr=f"{event.lr:.2e}",
                                      tok_s=f"{self.seen_tokens / (time.perf_counter() - self.started):.0f}")
         elif isinstance(event, Eval):
             loss = event.metrics.get("val_loss", float("nan"))
             line = f"step {event.step}: val_loss {loss:.4f}"
             if "val_perplexity" in event.metrics:  # a preference loss has no perplexity
                 line += f"  perplexity {event.metrics['val_perplexity']:.2f}"
+            for key in ("val_reward", "val_score"):  # online stages: the greedy answers' reward
+                if key in event.metrics:
+                    line += f"  held-out reward {event.metrics[key]:.3f}"
             if "val_rewards/accuracy" in event.metrics:
                 line += (f"  reward accuracy {event.metrics['val_rewards/accuracy']:.1%}  margin "
                          f"{event.metrics['val_rewards/margin']:.3f}")

@@ -78,7 +78,8 @@ def run_steps(s: Session, events: ev.Events, should_stop: Callable[[int], bool],
     for step in range(s.start + 1, s.steps + 1):
         t0 = time.perf_counter()
         begin_step(s.optimizer, step)  # BAdam: the block this step trains (a function of the step)
-        rows = [s.data.train[i] for i in s.stream.take(s.rows_per_step)]
+        rows = [s.data.train[i] for i in s.stream.take(s.stage.rows_wanted(step, s.rows_per_step))]
+        rows = s.stage.collect(s.model, rows, step)  # online stages (GRPO): answers sampled for these prompts
         loss, s.micro = accumulate(s, rows, events.note)
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in s.params], tc.max_grad_norm or float("inf")))
         lr = s.scheduler.get_last_lr()[0]

@@ -22,6 +22,7 @@ from tunesmith.data.pipeline import PreparedData, load_data_and_tokenizer
 from tunesmith.data.reading import document_files
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import METHODS, Method, describe_counts, get_method, parameter_counts
+from tunesmith.methods.runs import load_model_or_run, load_run_model, run_tokenizer
 from tunesmith.models.attention import use_packed_attention
 from tunesmith.models.device import pick_device, pick_precision
 from tunesmith.models.layers import causal_lm
@@ -33,8 +34,9 @@ from tunesmith.planning.preflight import check_before_training
 from tunesmith.run.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
                                       load_checkpoint, read_state, save_checkpoint, sha256_file)
 from tunesmith.run.metrics import truncate_metrics
-from tunesmith.run.run_dir import RunDir, write_json
+from tunesmith.run.run_dir import RunDir, is_run_dir, write_json
 from tunesmith.stages import Stage, get_stage
+from tunesmith.stages.reward import load_head
 
 
 def seed_everything(seed: int) -> None:
@@ -128,8 +130,9 @@ def apply_speed_switches(model, method: Method, tc, precision: str, log, stage: 
                                  "stage.cross_document_attention: true")
         packed = True
     else:
-        packed = (tc.packing and use_packed_attention(model) and not method.soft_prompt
-                  and (stage is None or stage.can_pack))
+        wanted = tc.packing or (stage is not None and stage.packs_by_default)
+        packed = (wanted and not method.soft_prompt and (stage is None or stage.can_pack)
+                  and use_packed_attention(model))
     if tc.packing and not packed:
         log("note: packing is off: this model's attention cannot keep packed examples apart, or the method adds "
             "soft prompts; micro-batches are padded instead")
@@ -198,6 +201,41 @@ def save_final(method: Method, model, run: RunDir, stage: Stage | None = None) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def stage_models(cfg: Config, tokenizer, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    """The models a stage's settings name, loaded frozen on the training device: stage.reference (a model or
+    a run dir) and stage.reward_model (a run trained with stage rm: its body and scalar head)."""
+    out: dict[str, Any] = {}
+    reference = getattr(cfg.stage, "reference", None)
+    if reference:
+        model, other = load_model_or_run(reference)
+        check_same_vocabulary(other, tokenizer, "stage.reference", reference)
+        out["reference"] = model.to(device).requires_grad_(False)
+        log(f"reference: {reference} (frozen)")
+    scorer = getattr(cfg.stage, "reward_model", None)
+    if scorer:
+        if not is_run_dir(scorer):
+            raise TunesmithError(f"stage.reward_model: {scorer} is not a tunesmith run directory; train one with "
+                                 "stage.name: rm and give its output.dir")
+        model, method, scorer_cfg, weights = load_run_model(scorer, device=device)
+        if scorer_cfg.stage.name != "rm":
+            raise TunesmithError(f"stage.reward_model: {scorer} was trained with stage {scorer_cfg.stage.name}, not "
+                                 "rm, so it has no reward head")
+        check_same_vocabulary(run_tokenizer(scorer), tokenizer, "stage.reward_model", scorer)
+        if not method.quantized:
+            model.to(device)
+        head = load_head(model, weights)
+        out["reward_model"] = (model.requires_grad_(False), head.requires_grad_(False))
+        log(f"reward model: {scorer} ({scorer_cfg.method.name}, frozen)")
+    return out
+
+
+def check_same_vocabulary(other, tokenizer, key: str, name: str) -> None:
+    # Log-probabilities and rewards are read token by token, so both models must split text the same way.
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise TunesmithError(f"{key}: {name} has another vocabulary ({len(other)} tokens) than the model being "
+                             f"trained ({len(tokenizer)}); it must share the tokenizer")
+
+
 def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, checkpoint: str | None = None,
                  force: bool = False, checks: str = "block") -> Session:
     tc = cfg.train
@@ -229,6 +267,8 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
     model = method.build(base)
     packed = apply_speed_switches(model, method, tc, precision, log, stage)
     method.place(model, device)
+    stage.tokenizer = tokenizer
+    stage.models = stage_models(cfg, tokenizer, device, log)  # stage.reference, stage.reward_model
     stage.prepare(model, method, data, device, precision, tokenizer.pad_token_id)  # DPO's reference
     params = method.trainable_parameters(model) + stage.parameters()  # rm's head trains beside any method
     log(f"method {method.name}: {describe_counts(model)}")
