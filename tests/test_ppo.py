@@ -197,3 +197,52 @@ def test_ppo_raises_the_reward(make_config, tmp_path):
     steps = [m for m in metrics(run) if "score" in m]
     assert {"score", "kl", "policy_loss", "value_loss", "clipfrac", "approx_kl", "completion_length"} <= set(steps[0])
     assert sum(m["score"] for m in steps[-4:]) > sum(m["score"] for m in steps[:4]) + 0.4
+
+
+def test_the_estimate_knows_what_each_online_stage_keeps(make_config, tmp_path):
+    """grpo: the KV cache of the step's G answers per prompt, a reference only with kl_coef; ppo: a value
+    head, the reward model when one scores, the reference of full fine-tuning; dpo with precomputed scores
+    keeps none."""
+    from test_preference import pairs
+    from tunesmith.planning.estimate import estimate_memory, shape_from_params
+    from tunesmith.planning.preflight import Machine, plan_for
+
+    shape = shape_from_params(135e6)
+    machine = Machine(device="cpu", name="cpu", precision="fp32", memory=None, bf16_native=False, compiler=False)
+
+    def parts(cfg):
+        plan = plan_for(cfg, shape, machine)
+        return plan, {p.name: p.bytes for p in estimate_memory(plan).parts}
+
+    plan, grpo = parts(grpo_config(make_config, tmp_path, "g", stage={"num_generations": 8}, method={"name": "full"}))
+    assert plan.micro_batch == 8 * 2  # two prompts' groups of 8 answers per micro-batch
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * plan.seq * plan.micro_batch * plan.grad_accum * 4
+    assert grpo["generation KV cache"] == kv and "reference model" not in grpo
+    _, grpo_kl = parts(grpo_config(make_config, tmp_path, "g", stage={"kl_coef": 0.04}, method={"name": "full"}))
+    assert grpo_kl["reference model"] == shape.params * 4
+    _, ppo = parts(ppo_config(make_config, tmp_path, "p", method={"name": "full"}))
+    assert "value head" in ppo and "reward model" not in ppo and ppo["reference model"] == shape.params * 4
+    _, ppo_rm = parts(ppo_config(make_config, tmp_path, "p", stage={"rewards": [], "reward_model": "runs/rm"}))
+    assert ppo_rm["reward model"] == shape.params * 4 and "reference model" not in ppo_rm  # lora: adapters off
+    _, dpo = parts(make_config(pairs(20), method={"name": "full"}, stage={"name": "dpo", "precompute_reference": True}))
+    assert "reference model" not in dpo
+
+
+def test_an_online_run_exports_and_evaluates_like_any_other(make_config, tmp_path):
+    """A ppo run's directory is an ordinary run: export merged and adapter (the value head stays behind: it
+    is for training only), and the merged model scores a prompt as the run's model does."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.export import export_run
+    from tunesmith.inference.loading import load_for_inference
+
+    run = train(ppo_config(make_config, tmp_path, "ppo", train={"max_steps": 2}), log=quiet)
+    export_run(run, "merged", tmp_path / "merged")
+    export_run(run, "adapter", tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "stage_modules.safetensors").exists()
+    loaded = load_for_inference(run)
+    assert loaded.head is None
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, loaded.model(ids).logits, atol=1e-4)

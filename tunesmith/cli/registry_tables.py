@@ -4,6 +4,7 @@ rewrites them in README.md; tests/test_registries.py fails when they differ."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,14 @@ def _keys(prefix: str, names) -> str:
     return ", ".join(f"`{prefix}.{n}`" for n in names) or "none"
 
 
+def _when(name: str, meaning: str) -> str:
+    """The "Pick it ..." sentence of a stage's explanation: when to use it."""
+    found = re.search(r"Pick it (.*?)[.;](?:\s|$)", " ".join(meaning.split()))
+    if not found:
+        raise ValueError(f"choices.stage.name.{name}: its meaning needs a 'Pick it ...' sentence (when to use it)")
+    return found.group(1)[0].upper() + found.group(1)[1:]
+
+
 def tables() -> str:
     from tunesmith.export import FORMATS as EXPORTS
 
@@ -27,10 +36,11 @@ def tables() -> str:
     for name, method in METHODS.items():
         exports = ", ".join(f for f, e in EXPORTS.items() if e.refuses(method) is None)
         rows.append(f"| `{name}` | {method.explanation()['label']} | {_keys('method', method.fields())} | {exports} |")
-    rows += ["", "| `stage.name` | what it is | data formats | its own keys |", "| --- | --- | --- | --- |"]
+    rows += ["", "| `stage.name` | what it is | when to use it | data formats | its own keys |",
+             "| --- | --- | --- | --- | --- |"]
     for name, stage in STAGES.items():
-        rows.append(f"| `{name}` | {stage.explanation()['label']} | {', '.join(stage.data_formats())} | "
-                    f"{_keys('stage', stage.fields())} |")
+        rows.append(f"| `{name}` | {stage.explanation()['label']} | {_when(name, stage.explanation()['meaning'])} | "
+                    f"{', '.join(stage.data_formats())} | {_keys('stage', stage.fields())} |")
     rows += ["", "| `optimizer.name` | what it is | methods | its own keys |", "| --- | --- | --- | --- |"]
     for name, opt in OPTIMIZERS.items():
         rows.append(f"| `{name}` | {opt.explanation()['label']} | {', '.join(opt.methods or ['all'])} | "

@@ -205,6 +205,13 @@ class Plan:
     galore_rank: int = 128
     labelled_share: float = 1.0
     """Share of tokens that carry a label (the LM head runs only there); 1.0 is the worst case."""
+    stage_settings: tuple = ()
+    """The stage section's settings as (key, value) pairs (kl_coef, precompute_reference, reference, ...): what
+    decides whether the stage keeps a reference at all."""
+
+    @property
+    def stage_setting(self):
+        return dict(self.stage_settings).get
 
     @property
     def tokens(self) -> int:

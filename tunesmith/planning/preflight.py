@@ -90,7 +90,8 @@ def plan_for(cfg: Config, shape: ModelShape, machine: Machine, report: DataRepor
                    if hasattr(cfg.method, key)},
                 bf16_frozen_weights=cfg.train.bf16_frozen_weights, optimizer=cfg.optimizer.name,
                 galore_rank=getattr(cfg.optimizer, "rank", Plan.galore_rank),
-                labelled_share=share)
+                labelled_share=share, stage_settings=tuple(
+                    (k, v) for k, v in cfg.stage.model_dump().items() if isinstance(v, (str, int, float, bool))))
 
 
 def training_speed(plan: Plan, machine: Machine, model: str | None, measure: bool) -> Speed | None:

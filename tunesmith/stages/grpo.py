@@ -104,7 +104,7 @@ class GrpoStage(Stage):
         cache = 2 * s.layers * s.kv_heads * s.head_dim * plan.seq * answers * (2 if plan.precision == "bf16" else 4)
         return [("generation KV cache", float(cache), f"keys and values of the step's {answers} answers, sampled "
                  "at once")] + \
-            reference_memory(plan, "a frozen copy of the starting weights, only with stage.kl_coef > 0")
+            reference_memory(plan, "a frozen copy of the starting weights (stage.kl_coef > 0)")
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         self.device, self.precision, self.pad_id = device, precision, pad_id

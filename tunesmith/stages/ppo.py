@@ -133,7 +133,8 @@ class PpoStage(Stage):
         answers = plan.micro_batch * plan.grad_accum
         cache = 2 * s.layers * s.kv_heads * s.head_dim * plan.seq * answers * (2 if plan.precision == "bf16" else 4)
         return [("generation KV cache", float(cache), f"keys and values of the step's {answers} answers"),
-                ("reward model", s.params * 4.0, "the rm run that scores answers, in fp32 (none with stage.rewards)"),
+                *([("reward model", s.params * 4.0, "the rm run that scores answers, frozen, fp32")]
+                  if plan.stage_setting("reward_model") or not plan.stage_settings else []),
                 ("value head", s.hidden * 4.0 * 4, "the value head (weights, gradient, AdamW state)"),
                 *reference_memory(plan, "a frozen copy of the starting weights (full and freeze)")]
 

@@ -82,7 +82,14 @@ def _first_label(labels) -> int:
 
 def reference_memory(plan, note: str) -> list[tuple[str, float, str]]:
     """What a stage's Reference adds to `estimate`: nothing for adapter methods (adapters switched off give
-    it), a copy of the model as it trains (fp32 weights) for full and freeze."""
+    it), a copy of the model as it trains (fp32 weights) for full and freeze, the named model for
+    stage.reference, and nothing when the stage keeps none (precomputed scores, kl_coef 0)."""
+    setting = plan.stage_setting
+    if setting("precompute_reference") or setting("kl_coef", 1) == 0:
+        return []
+    if setting("reference"):
+        return [("reference model", plan.shape.params * 4.0, f"{setting('reference')} (stage.reference), frozen, "
+                 "fp32, assumed the size of this model")]
     if plan.method not in ("full", "freeze"):
         return []
     return [("reference model", plan.shape.params * 4.0, note)]
@@ -198,7 +205,7 @@ class DpoStage(PreferenceStage):
 
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:
-        return reference_memory(plan, "a frozen copy of the starting weights (none with stage.precompute_reference)")
+        return reference_memory(plan, "a frozen copy of the starting weights")
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         """Set up the reference: adapters off, a frozen copy, or every pair scored once now."""
