@@ -150,31 +150,42 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
           limit: Optional[int] = typer.Option(None, help="evaluate only the first N rows"),
           batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                                    help="rows per batch; default: the run's eval.batch_size"),
-          max_new_tokens: int = 256, checkpoint: Optional[str] = None) -> None:
-    """Loss, perplexity and exact match (greedy answer == reference, whitespace stripped) on held-out rows."""
+          max_new_tokens: int = 256, checkpoint: Optional[str] = None,
+          compare_base: bool = typer.Option(False, "--compare-base", help="score the run's base model too, side by side"),
+          report: bool = typer.Option(False, "--report", help="write report.md and report.html into the run dir")) -> None:
+    """Loss, perplexity, exact match, token F1, ROUGE-L, BLEU and JSON validity of greedy answers on held-out
+    rows; with --compare-base the base model's beside them, with --report a report in the run dir."""
     quiet_libraries()
     from tunesmith.evaluation.evaluate import evaluate_file
+    from tunesmith.evaluation.report import compare_with_base, short_table, write_report
     from tunesmith.inference.loading import load_for_inference
+    from tunesmith.run.run_dir import is_run_dir
 
     if data is None:
         data = Path(run) / "data" / "test.jsonl"
         if not data.exists() or not data.read_text(encoding="utf-8").strip():
             raise TunesmithError(f"{run} has no test split; pass --data FILE (or set data.test_size when training)")
-    loaded = load_for_inference(run, checkpoint)
-    result = evaluate_file(loaded, data, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if (compare_base or report) and not is_run_dir(run):
+        raise TunesmithError(f"{run} is not a run directory: --compare-base and --report need one")
+    options = dict(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    result = (compare_with_base(run, data, checkpoint, **options) if compare_base
+              else evaluate_file(load_for_inference(run, checkpoint), data, **options))
+    if report:
+        md, page = write_report(run, result, data)
     samples = result.pop("samples", [])
+    result.pop("base_samples", None)
+    if isinstance(result.get("base"), dict):
+        result["base"].pop("samples", None)
     if as_json:
         print(json.dumps(result))
         return
     for s in samples[:5]:
         reference = s["reference"] if isinstance(s["reference"], str) else json.dumps(s["reference"])
         print(f"prompt:     {s['prompt'][:200]}\nreference:  {reference[:200]}\nprediction: {s['prediction'][:200]}\n")
-    em = "n/a" if result["exact_match"] is None else f"{result['exact_match']:.3f}"
-    print(f"n {result['n']}  loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  exact match {em}")
-    more = {k: v for k, v in result.items() if k not in ("n", "loss", "perplexity", "exact_match", "tokens", "scored_rows")
-            and isinstance(v, float)}
-    if more:  # pairwise accuracy (preference rows), rewards (prompt rows)
-        print("  ".join(f"{k} {v:.4f}" for k, v in more.items()))
+    print(f"n {result['n']}")
+    print(short_table(result))
+    if report:
+        print(f"report: {md} and {page}")
 
 
 @app.command()

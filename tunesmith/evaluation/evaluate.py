@@ -1,7 +1,8 @@
-"""Held-out evaluation: token loss and perplexity, and exact match of greedy answers."""
+"""Held-out evaluation: token loss and perplexity, and the text metrics (evaluation/metrics.py) of greedy answers."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from tunesmith.data.pipeline import load_examples, tokenize_split
+from tunesmith.evaluation.metrics import exact_match, text_metrics  # noqa: F401 (exact_match: the demo's)
 from tunesmith.data.token_store import Pair
 from tunesmith.inference.generate import Sampling, generate_batch
 from tunesmith.stages.preference import pair_batch
@@ -17,10 +19,6 @@ from tunesmith.stages.reward import rewards
 from tunesmith.stages.rewards import exact_match as exact_match_reward
 from tunesmith.stages.rewards import reward_functions, score
 from tunesmith.stages.tokens import mean_loss, sequence_logps
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1)
 
 
 @torch.no_grad()
@@ -74,11 +72,11 @@ def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch
     if chats:
         preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in chats],
                                Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size)
-        result["exact_match"] = exact_match(preds, [ex.reference for ex in chats])
+        result.update(text_metrics(preds, [ex.reference for ex in chats]))
         result["samples"] = [{"prompt": ex.prompt_messages[-1]["content"], "reference": ex.reference, "prediction": p}
                              for ex, p in zip(chats, preds)]
     else:
-        result["exact_match"] = None
+        result.update(text_metrics([], []))
     return result
 
 
@@ -103,7 +101,9 @@ def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, sec
     match = score([("exact_match", exact_match_reward(section))], ["p"] * len(with_answer),
                   [p for p, _ in with_answer], [[]] * len(with_answer),
                   [{section.answer_field: a} for _, a in with_answer]) if with_answer else []
-    return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "n": len(examples),
+    texts = [(p, a if isinstance(a, str) else json.dumps(a)) for p, a in with_answer]
+    others = {k: v for k, v in text_metrics([p for p, _ in texts], [a for _, a in texts]).items() if k != "exact_match"}
+    return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "n": len(examples), **others,
             "reward": _nanmean(total),
             **{f"rewards/{name}": _nanmean(table[:, i]) for i, (name, _) in enumerate(functions)},
             "exact_match": sum(m[0] for m in match) / len(match) if match else None,
