@@ -177,3 +177,29 @@ def test_pretraining_on_a_domain_text_lowers_its_held_out_perplexity(tmp_path):
     base = evaluate_file(load_for_inference("smollm2-135m-instruct"), tmp_path / "held_out.jsonl", max_new_tokens=1)
     assert tuned["scored_rows"] == base["scored_rows"] == 16
     assert tuned["perplexity"] < 0.8 * base["perplexity"], (base["perplexity"], tuned["perplexity"])
+
+
+def test_the_default_models_gguf_round_trip_in_llama_cpp(demo_run, tmp_path):
+    """SmolLM2 (itself loaded from a GGUF), fine-tuned, exported as f16 GGUF and loaded by llama.cpp: it
+    splits the run's rendered prompts into the ids training used, and its greedy answers are the merged
+    model's, token for token."""
+    import llama_cpp
+    from tunesmith.data.templates import encode_prompt
+    from tunesmith.export import export_run
+    from tunesmith.inference.loading import load_for_inference
+
+    export_run(demo_run, "gguf", tmp_path / "demo.gguf", quant="f16")
+    loaded = load_for_inference(demo_run)
+    merged = loaded.method.merge(loaded.model).eval()
+    rows = [json.loads(x) for x in (demo_run / "data" / "test.jsonl").read_text().splitlines()[:4]]
+    convs = [[{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}] for r in rows]
+    prompts = [encode_prompt(loaded.tokenizer, c) for c in convs]
+    texts = [loaded.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    want = []
+    for p in prompts:
+        out = merged.generate(torch.tensor([p]), max_new_tokens=40, do_sample=False,
+                              eos_token_id=loaded.tokenizer.eos_token_id, pad_token_id=loaded.tokenizer.pad_token_id)
+        want.append(llama_cpp.without_eos(out[0, len(p):].tolist(), loaded.tokenizer.eos_token_id))
+    got = llama_cpp.greedy(tmp_path / "demo.gguf", prompts, 40, loaded.tokenizer.eos_token_id, texts=texts)
+    assert got["tokenized"] == prompts
+    assert [llama_cpp.without_eos(g, loaded.tokenizer.eos_token_id) for g in got["generated"]] == want

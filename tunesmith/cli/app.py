@@ -191,13 +191,17 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
 @app.command()
 def export(run: str = typer.Argument(..., help="run directory"),
            format: str = typer.Option("merged", "--format", help=" | ".join(_export_formats())),
-           out: Path = typer.Option(..., "--out", help="directory to write (must not exist or be empty)"),
+           out: Path = typer.Option(..., "--out", help="directory to write (must not exist or be empty); "
+                                                       "for gguf, the .gguf file"),
+           quant: Optional[str] = typer.Option(None, "--quant", help="gguf/ollama weights: f32, f16 (gguf default), "
+                                               "bf16, q8_0 (ollama default), q4_0, q4_1"),
            checkpoint: Optional[str] = None) -> None:
-    """Write the trained model as merged safetensors weights or as a PEFT adapter."""
+    """Write the trained model as merged safetensors weights, a PEFT adapter, a GGUF file for llama.cpp, or a
+    GGUF with an Ollama Modelfile."""
     quiet_libraries()
     from tunesmith.export import export_run
 
-    print(export_run(run, format, out, checkpoint))
+    print(export_run(run, format, out, checkpoint, quant=quant))
 
 
 @app.command(context_settings=OVERRIDES)

@@ -191,8 +191,8 @@ ONLINE_STAGES = ("grpo", "ppo")
 """Stages that answer the prompts themselves during training."""
 
 
-def _unpaired(row: Row, columns: dict[str, str]) -> Example:
-    """A KTO row: a prompt, one completion, and whether it is desirable."""
+def _prompt_field(row: Row, columns: dict[str, str]) -> tuple[str, object, list[dict[str, str]]]:
+    """(its key, the value as written, as chat messages) of a row's prompt that the reply must follow."""
     key = _field(row, "prompt", columns)
     if key not in row.data:
         raise BadRow(f"{row.where}: missing field '{key}'")
@@ -201,6 +201,12 @@ def _unpaired(row: Row, columns: dict[str, str]) -> Example:
               if not isinstance(value, list) else _turns(value, row.where, key))
     if prompt[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in prompt):
         raise BadRow(f"{row.where}: field '{key}' must hold a user message and end before the reply")
+    return key, value, prompt
+
+
+def _unpaired(row: Row, columns: dict[str, str]) -> Example:
+    """A KTO row: a prompt, one completion, and whether it is desirable."""
+    _, _, prompt = _prompt_field(row, columns)
     completion = _reply(row, columns, "completion")
     label_key = _field(row, "label", columns)
     label = row.data.get(label_key)
@@ -213,14 +219,7 @@ def _unpaired(row: Row, columns: dict[str, str]) -> Example:
 
 def _prompt_only(row: Row, columns: dict[str, str]) -> Example:
     """A GRPO row: a prompt for the model to answer, and fields its reward functions may read."""
-    key = _field(row, "prompt", columns)
-    if key not in row.data:
-        raise BadRow(f"{row.where}: missing field '{key}'")
-    value = row.data[key]
-    prompt = ([{"role": "user", "content": _string(row, columns, "prompt", required=True)}]
-              if not isinstance(value, list) else _turns(value, row.where, key))
-    if prompt[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in prompt):
-        raise BadRow(f"{row.where}: field '{key}' must hold a user message and end before the reply")
+    key, value, prompt = _prompt_field(row, columns)
     fields = {k: v for k, v in row.data.items() if k != key}
     return Example(messages=prompt, fields=fields, prompt=value, where=row.where)
 

@@ -1,6 +1,6 @@
-"""Export a run, one registry entry per `--format`: merged safetensors weights (plain transformers loads them)
-or a PEFT adapter. Each entry says which methods it can export and writes into a staging directory that
-becomes `--out` only once complete."""
+"""Export a run, one registry entry per `--format`: merged safetensors weights (plain transformers loads them),
+a PEFT adapter, one GGUF file (llama.cpp), or a GGUF with an Ollama Modelfile. Each entry says which methods
+it can export and writes into a staging directory (or file) that becomes `--out` only once complete."""
 
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ from tunesmith.stages.reward import HEAD
 @dataclass(frozen=True)
 class ExportFormat:
     name: str
-    write: Callable[[Loaded, Path], None]
+    write: Callable[..., None]
+    """(loaded run, staging path, **options such as quant) -> writes the export there."""
     refuses: Callable[[object], str | None]
     """Why this format cannot export a run of the given method (a Method), or None."""
+    single_file: bool = False
+    """`--out` names one file (a .gguf), not a directory."""
 
     def explanation(self) -> dict[str, str]:
         return choice("export.format", self.name)
 
 
-def _write_merged(loaded: Loaded, staging: Path) -> None:
+def _write_merged(loaded: Loaded, staging: Path, **_) -> None:
     merged = loaded.method.merge(loaded.model)
     if loaded.head is not None:
         return _as_sequence_classifier(merged, loaded.head, loaded.tokenizer.pad_token_id).save_pretrained(staging)
@@ -60,7 +63,7 @@ def _as_sequence_classifier(merged, head, pad_id: int):
     return scorer
 
 
-def _write_adapter(loaded: Loaded, staging: Path) -> None:
+def _write_adapter(loaded: Loaded, staging: Path, **_) -> None:
     loaded.method.save(loaded.model, staging)
     if loaded.head is not None:  # the reward head travels beside the adapter
         save_modules({HEAD: loaded.head}, staging / MODULES_FILE)
@@ -78,29 +81,70 @@ def _no_adapter(method) -> str | None:
     return None
 
 
+def _merged_lm(loaded: Loaded):
+    if loaded.head is not None:
+        raise ConfigError("a reward model (stage rm) scores replies and does not generate; export it with --format "
+                          "merged (a sequence classifier) or adapter, not for llama.cpp")
+    return loaded.method.merge(loaded.model).eval()
+
+
+def _write_gguf(loaded: Loaded, staging: Path, quant: str = "f16", **_) -> None:
+    from tunesmith.export.gguf import write_gguf
+
+    write_gguf(_merged_lm(loaded), loaded.tokenizer, staging, quant, name=loaded.run_dir.name if loaded.run_dir else "model")
+
+
+def _write_ollama(loaded: Loaded, staging: Path, quant: str = "q8_0", **_) -> None:
+    from tunesmith.export.gguf import modelfile, write_gguf
+
+    staging.mkdir(parents=True)
+    name = f"{loaded.run_dir.name if loaded.run_dir else 'model'}.gguf"
+    text = modelfile(loaded.tokenizer, name, loaded.default_system)  # refuses a template it cannot translate first
+    write_gguf(_merged_lm(loaded), loaded.tokenizer, staging / name, quant, name=Path(name).stem)
+    (staging / "Modelfile").write_text(text, encoding="utf-8")
+
+
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
     ExportFormat("merged", _write_merged, _cannot_merge),
     ExportFormat("adapter", _write_adapter, _no_adapter),
+    ExportFormat("gguf", _write_gguf, _cannot_merge, single_file=True),
+    ExportFormat("ollama", _write_ollama, _cannot_merge),
 )}
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path, checkpoint: str | None = None) -> str:
+def export_run(run: str | Path, fmt: str, out: str | Path, checkpoint: str | None = None, **options) -> str:
+    """Write run `run` as `fmt` to `out`; options: quant (gguf, ollama). An existing export is never replaced."""
     run, out = Path(run), Path(out)
     if fmt not in FORMATS:
         raise TunesmithError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if not is_run_dir(run):
         raise TunesmithError(f"{run} is not a run directory (no run.json/config.yaml)")
-    if out.exists() and any(out.iterdir()):
+    spec = FORMATS[fmt]
+    if spec.single_file and out.exists():
+        raise TunesmithError(f"{out} exists; choose a new --out file")
+    if not spec.single_file and out.exists() and any(out.iterdir()):
         raise TunesmithError(f"{out} exists and is not empty; choose a new --out directory")
+    if "quant" in options and options["quant"] is not None:
+        from tunesmith.export.gguf import check_quant
+
+        check_quant(options["quant"])  # before minutes of loading and merging
+    options = {k: v for k, v in options.items() if v is not None}
     loaded = load_for_inference(run, checkpoint)
     assert loaded.method is not None
-    why = FORMATS[fmt].refuses(loaded.method)
+    why = spec.refuses(loaded.method)
     if why:
         raise ConfigError(why)
+    if spec.single_file:
+        staging = out.with_name(out.name + ".partial")
+        staging.unlink(missing_ok=True)
+        spec.write(loaded, staging, **options)
+        staging.rename(out)
+        return f"wrote {fmt} export to {out}"
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    FORMATS[fmt].write(loaded, staging)
-    loaded.tokenizer.save_pretrained(staging)  # with the chat template used in training
+    spec.write(loaded, staging, **options)
+    if fmt != "ollama":
+        loaded.tokenizer.save_pretrained(staging)  # with the chat template used in training
     if out.exists():
         out.rmdir()
     staging.rename(out)

@@ -212,17 +212,25 @@ class GrpoStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, model, rows, batch_size, pad_id, precision, max_batches):
-        rows = list(rows)[: batch_size * max_batches] if max_batches is not None else list(rows)
+        rows, replies = greedy_answers(self, model, rows, batch_size, pad_id, precision, max_batches)
         if not rows:
             return {"val_loss": float("nan")}
-        with autocast(self.device, precision):
-            replies = sample_replies(model, [list(r.input_ids) for r in rows], pad_id, self.stop_ids,
-                                     self.cfg.max_new_tokens, batch_size=batch_size)
         table, total = self.score(rows, replies, 1)
         reward = _nanmean(total)
         return {"val_loss": -reward, "val_reward": reward,
                 **{f"val_rewards/{name}": _nanmean(table[:, i]) for i, (name, _) in enumerate(self.functions)},
                 "val_completion_length": sum(len(r) for r in replies) / len(replies)}
+
+
+@torch.no_grad()
+def greedy_answers(stage, model, rows, batch_size, pad_id, precision, max_batches) -> tuple[list, list[list[int]]]:
+    """(the held-out prompts evaluated, one greedy answer to each): what the online stages score."""
+    rows = list(rows)[: batch_size * max_batches] if max_batches is not None else list(rows)
+    if not rows:
+        return rows, []
+    with autocast(stage.device, precision):
+        return rows, sample_replies(model, [list(r.input_ids) for r in rows], pad_id, stage.stop_ids,
+                                    stage.cfg.max_new_tokens, batch_size=batch_size)
 
 
 def _nanmean(x: torch.Tensor) -> float:

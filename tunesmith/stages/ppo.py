@@ -32,7 +32,7 @@ from tunesmith.models.device import autocast
 from tunesmith.models.generation import sample_replies, until_stop
 from tunesmith.models.layers import causal_lm
 from tunesmith.stages.base import Stage
-from tunesmith.stages.grpo import rollout_seed
+from tunesmith.stages.grpo import greedy_answers, rollout_seed
 from tunesmith.stages.preference import Reference, reference_memory
 from tunesmith.stages.reward import last_tokens, rewards as reward_model_scores
 from tunesmith.stages.rewards import reward_functions, score
@@ -282,12 +282,9 @@ class PpoStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, model, rows, batch_size, pad_id, precision, max_batches):
-        rows = list(rows)[: batch_size * max_batches] if max_batches is not None else list(rows)
+        rows, replies = greedy_answers(self, model, rows, batch_size, pad_id, precision, max_batches)
         if not rows:
             return {"val_loss": float("nan")}
-        with autocast(self.device, precision):
-            replies = sample_replies(model, [list(r.input_ids) for r in rows], pad_id, self.stop_ids,
-                                     self.cfg.max_new_tokens, batch_size=batch_size)
         scores = self.score(model, rows, replies)
         return {"val_loss": -float(scores.mean()), "val_score": float(scores.mean()),
                 "val_completion_length": sum(len(r) for r in replies) / len(replies)}

@@ -35,15 +35,20 @@ def parse_json(text: str) -> tuple[bool, Any]:
         return False, None
 
 
+def _answers(reward: str, field: str, fields: dict) -> list:
+    """The rows' expected answers, or an error naming the field the rows lack."""
+    if field not in fields:
+        raise TunesmithError(f"reward {reward} compares replies with the rows' '{field}' field, which the rows lack "
+                             f"(fields: {', '.join(sorted(fields)) or 'none'}); set stage.answer_field")
+    return fields[field]
+
+
 def exact_match(section) -> RewardFn:
     field = section.answer_field
 
     def reward(prompts, completions, completion_ids, **fields):
-        if field not in fields:
-            raise TunesmithError(f"reward exact_match compares replies with the rows' '{field}' field, which the "
-                                 f"rows lack (fields: {', '.join(sorted(fields)) or 'none'}); set stage.answer_field")
         out = []
-        for reply, answer in zip(completions, fields[field]):
+        for reply, answer in zip(completions, _answers("exact_match", field, fields)):
             if answer is None:
                 out.append(None)
             elif isinstance(answer, str):
@@ -85,11 +90,8 @@ def json_fields(section) -> RewardFn:
     field = section.answer_field
 
     def reward(prompts, completions, completion_ids, **fields):
-        if field not in fields:
-            raise TunesmithError(f"reward json_fields compares replies with the rows' '{field}' field, which the "
-                                 f"rows lack; set stage.answer_field")
         out = []
-        for reply, answer in zip(completions, fields[field]):
+        for reply, answer in zip(completions, _answers("json_fields", field, fields)):
             if isinstance(answer, str):
                 answer = parse_json(answer)[1]
             if not isinstance(answer, dict) or not answer:
