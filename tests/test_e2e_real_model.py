@@ -183,7 +183,7 @@ def test_the_default_models_gguf_round_trip_in_llama_cpp(demo_run, tmp_path):
     """SmolLM2 (itself loaded from a GGUF), fine-tuned, exported as f16 GGUF and loaded by llama.cpp: it
     splits the run's rendered prompts into the ids training used, and its greedy answers are the merged
     model's, token for token."""
-    import llama_cpp
+    import real_llama_cpp as llama_cpp
     from tunesmith.data.templates import encode_prompt
     from tunesmith.export import export_run
     from tunesmith.inference.loading import load_for_inference

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import llama_cpp
+import real_llama_cpp as llama_cpp
 from conftest import TINY_TEMPLATE, build_tiny_model, write_jsonl, alpaca_rows
 from tunesmith.errors import ConfigError
 from tunesmith.training.loop import train
