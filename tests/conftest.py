@@ -22,16 +22,18 @@ TINY_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(chat_template: str | None = TINY_TEMPLATE):
-    """Byte-level BPE with no merges: every byte is a token, plus the ChatML markers; pad == eos like SmolLM2."""
+def build_tiny_tokenizer(chat_template: str | None = TINY_TEMPLATE, merges: tuple[tuple[str, str], ...] = (),
+                         split_words: bool = False):
+    """Byte-level BPE, by default with no merges: every byte is a token, plus the ChatML markers; pad == eos
+    like SmolLM2. `merges` adds merged tokens after the bytes; `split_words` splits text GPT-2's way first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet) + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         pad_token="<|im_end|>", unk_token="<|endoftext|>")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import real_llama_cpp as llama_cpp
-from conftest import TINY_TEMPLATE, build_tiny_model, write_jsonl, alpaca_rows
+from conftest import alpaca_rows, build_tiny_model, build_tiny_tokenizer, write_jsonl
 from tunesmith.errors import ConfigError
 from tunesmith.training.loop import train
 
@@ -16,19 +16,7 @@ from tunesmith.training.loop import train
 def merged_tokenizer():
     """The tests' byte-level tokenizer with a few merges (a GGUF BPE vocabulary must have some) and the
     GPT-2 split, so llama.cpp's 'gpt-2' pre-tokenizer splits text as it does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ca", "at", "Ġc"])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("c", "a"), ("a", "t"), ("Ġ", "c")]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    out.add_special_tokens({"additional_special_tokens": specials})
-    out.chat_template = TINY_TEMPLATE
-    return out
+    return build_tiny_tokenizer(merges=(("c", "a"), ("a", "t"), ("Ġ", "c")), split_words=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from tunesmith.inference.generate import Sampling, generate_batch
 from tunesmith.stages.preference import pair_batch
 from tunesmith.stages.reward import rewards
 from tunesmith.stages.rewards import exact_match as exact_match_reward
-from tunesmith.stages.rewards import reward_functions, score
+from tunesmith.stages.rewards import Rewards, nanmean, score
 from tunesmith.stages.tokens import mean_loss, sequence_logps
 
 
@@ -87,15 +87,12 @@ def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, sec
 
     own = loaded.config.stage if loaded.config and getattr(loaded.config.stage, "rewards", None) else None
     section = section or own or GrpoStageSection()
-    functions = reward_functions(section)
+    rewards = Rewards(section)
     preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in examples],
                            Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size)
     ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in preds]
     fields = [ex.fields for ex in examples]
-    table = torch.tensor(score(functions, [ex.prompt for ex in examples], preds, ids, fields), dtype=torch.float64)
-    weights = torch.tensor(section.reward_weights or [1.0] * len(functions), dtype=torch.float64)
-    total = (torch.nan_to_num(table) * weights).sum(1)
-    total[table.isnan().all(1)] = float("nan")
+    table, total = rewards([ex.prompt for ex in examples], preds, ids, fields)
     answers = [f.get(section.answer_field) for f in fields]
     with_answer = [(p, a) for p, a in zip(preds, answers) if a is not None]
     match = score([("exact_match", exact_match_reward(section))], ["p"] * len(with_answer),
@@ -104,12 +101,9 @@ def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, sec
     texts = [(p, a if isinstance(a, str) else json.dumps(a)) for p, a in with_answer]
     others = {k: v for k, v in text_metrics([p for p, _ in texts], [a for _, a in texts]).items() if k != "exact_match"}
     return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "n": len(examples), **others,
-            "reward": _nanmean(total),
-            **{f"rewards/{name}": _nanmean(table[:, i]) for i, (name, _) in enumerate(functions)},
+            "reward": nanmean(total),
+            **{f"rewards/{name}": nanmean(table[:, i]) for i, name in enumerate(rewards.names)},
             "exact_match": sum(m[0] for m in match) / len(match) if match else None,
             "samples": [{"prompt": ex.prompt_messages[-1]["content"], "reference": a, "prediction": p}
                         for ex, a, p in zip(examples, answers, preds)]}
 
-
-def _nanmean(x: torch.Tensor) -> float:
-    return float(torch.nanmean(x)) if (~x.isnan()).any() else float("nan")

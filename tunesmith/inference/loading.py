@@ -14,6 +14,7 @@ from tunesmith.methods import Method
 from tunesmith.methods.runs import load_run_model, run_tokenizer
 from tunesmith.models.loading import load_causal_lm, load_tokenizer, resolve
 from tunesmith.run.run_dir import is_run_dir
+from tunesmith.stages.reward import load_head
 
 
 @dataclass
@@ -46,11 +47,5 @@ def load_for_inference(run_or_model: str | Path, checkpoint: str | None = None) 
         model.eval()
         return Loaded(model, tokenizer, None, None, None)
     model, method, cfg, weights = load_run_model(path, checkpoint)
-    head = _reward_head(model, weights) if cfg.stage.name == "rm" else None
+    head = load_head(model, weights) if cfg.stage.name == "rm" else None
     return Loaded(model, run_tokenizer(path), method, cfg, path, head=head)
-
-
-def _reward_head(model, weights: Path) -> torch.nn.Module:
-    from tunesmith.stages.reward import load_head
-
-    return load_head(model, weights)

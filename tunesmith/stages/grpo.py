@@ -1,8 +1,8 @@
 """GRPO, group-relative policy optimisation (Shao et al. 2024): an online stage.
 
 At the start of each step (`collect`) the model answers each of the step's prompts `num_generations` times,
-sampling with the KV cache in one batch (so the answers do not depend on the micro-batching); the reward functions (stages/rewards.py) score every answer, and an
-answer's advantage is its reward minus its group's mean, scaled by the group's spread (stage.scale_rewards).
+sampling with the KV cache in one batch (so the answers do not depend on the micro-batching); the reward
+functions (stages/rewards.py) score every answer, and an answer's advantage is its reward minus its group's mean, scaled by the group's spread (stage.scale_rewards).
 The step then trains on those answers like any other rows: the loss of a reply token is PPO's clipped
 objective with the answer's advantage, -min(ρA, clip(ρ, 1-ε, 1+ε)A) with ρ the token's probability ratio to
 the policy that sampled it, plus kl_coef times the k3 estimate of its KL to the starting model. The sum over
@@ -18,7 +18,6 @@ the same answers from the same weights (exact resume), and the training RNG is u
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,7 +30,7 @@ from tunesmith.models.device import autocast
 from tunesmith.models.generation import sample_replies, until_stop
 from tunesmith.stages.base import Stage
 from tunesmith.stages.preference import Reference, reference_memory
-from tunesmith.stages.rewards import reward_functions, score
+from tunesmith.stages.rewards import Rewards, nanmean
 from tunesmith.stages.tokens import token_logps
 
 
@@ -87,8 +86,7 @@ class GrpoStage(Stage):
 
     def __init__(self, cfg, run):
         super().__init__(cfg, run)
-        self.functions = reward_functions(cfg)  # a typo in stage.rewards stops here, before the model loads
-        self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(cfg.rewards), dtype=torch.float64)
+        self.rewards = Rewards(cfg)  # a typo in stage.rewards stops here, before the model loads
         self.reference: Reference | None = None
         self._stats: dict[str, float] = {}
         self._kl = 0.0
@@ -99,12 +97,8 @@ class GrpoStage(Stage):
 
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:
-        s = plan.shape
-        answers = plan.micro_batch * plan.grad_accum  # a step's answers are sampled in one batch
-        cache = 2 * s.layers * s.kv_heads * s.head_dim * plan.seq * answers * (2 if plan.precision == "bf16" else 4)
-        return [("generation KV cache", float(cache), f"keys and values of the step's {answers} answers, sampled "
-                 "at once")] + \
-            reference_memory(plan, "a frozen copy of the starting weights (stage.kl_coef > 0)")
+        return [generation_memory(plan), *reference_memory(plan, "a frozen copy of the starting weights "
+                                                                 "(stage.kl_coef > 0)")]
 
     def prepare(self, model, method, data, device, precision, pad_id) -> None:
         self.device, self.precision, self.pad_id = device, precision, pad_id
@@ -117,12 +111,7 @@ class GrpoStage(Stage):
     def collect(self, model, rows: Sequence[Prompt], step: int) -> list[Rollout]:
         cfg, g = self.cfg, self.cfg.num_generations
         prompts = [list(r.input_ids) for r in rows for _ in range(g)]
-        forked = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=forked), autocast(self.device, self.precision):
-            torch.manual_seed(rollout_seed(self.run.train.seed, step))
-            # The whole step in one batch, so the answers do not depend on how the step is micro-batched.
-            replies = sample_replies(model, prompts, self.pad_id, self.stop_ids, cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_p, batch_size=len(prompts))
+        replies = sample_step(self, model, prompts, step)
         table, total = self.score(rows, replies, g)
         adv = advantages(total, g, cfg.scale_rewards)
         out = [Rollout(p + r, [IGNORE] * len(p) + r, float(a), float(t))
@@ -130,22 +119,16 @@ class GrpoStage(Stage):
         if self.reference is not None:
             self._reference_logps(model, out)
         grouped = total.view(-1, g)
-        self._stats = {"reward": _nanmean(total), "reward_std": _nanstd(total),
-                       **{f"rewards/{name}": _nanmean(table[:, i]) for i, (name, _) in enumerate(self.functions)},
-                       "completion_length": sum(len(r) for r in replies) / len(replies),
-                       "completions_cut": sum(not r or r[-1] not in self.stop_ids for r in replies) / len(replies),
+        self._stats = {"reward": nanmean(total), "reward_std": _nanstd(total),
+                       **{f"rewards/{name}": nanmean(table[:, i]) for i, name in enumerate(self.rewards.names)},
+                       **answer_stats(replies, self.stop_ids),
                        "groups_without_signal": float((row_std(grouped) < 1e-6).double().mean())}
         return out
 
     def score(self, rows: Sequence[Prompt], replies: list[list[int]], g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(replies × functions rewards, each reply's weighted total; NaN where no function scored it)."""
-        texts = [self.tokenizer.decode(until_stop(r, self.stop_ids, keep_stop=False), skip_special_tokens=True)
-                 for r in replies]
-        table = torch.tensor(score(self.functions, [r.prompt for r in rows for _ in range(g)], texts, replies,
-                                   [r.fields for r in rows for _ in range(g)]), dtype=torch.float64)
-        total = (torch.nan_to_num(table) * self.weights).sum(1)
-        total[table.isnan().all(1)] = math.nan
-        return table, total
+        return self.rewards([r.prompt for r in rows for _ in range(g)], decoded(self, replies), replies,
+                            [r.fields for r in rows for _ in range(g)])
 
     @torch.no_grad()
     def _reference_logps(self, model, rollouts: list[Rollout]) -> None:
@@ -216,10 +199,45 @@ class GrpoStage(Stage):
         if not rows:
             return {"val_loss": float("nan")}
         table, total = self.score(rows, replies, 1)
-        reward = _nanmean(total)
+        reward = nanmean(total)
         return {"val_loss": -reward, "val_reward": reward,
-                **{f"val_rewards/{name}": _nanmean(table[:, i]) for i, (name, _) in enumerate(self.functions)},
-                "val_completion_length": sum(len(r) for r in replies) / len(replies)}
+                **{f"val_rewards/{name}": nanmean(table[:, i]) for i, name in enumerate(self.rewards.names)},
+                "val_completion_length": answer_stats(replies, self.stop_ids)["completion_length"]}
+
+
+# ---- what the online stages (grpo, ppo) share: sampling, decoding, its memory and its numbers
+
+
+def sample_step(stage, model, prompts: list[list[int]], step: int) -> list[list[int]]:
+    """Answers to a step's prompts, sampled in one batch (so the micro-batching cannot change them) with an RNG
+    seeded from the run's seed and the step in its own fork (so a resume samples the same answers and the
+    training RNG is untouched)."""
+    cfg = stage.cfg
+    forked = [stage.device.index or 0] if stage.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), autocast(stage.device, stage.precision):
+        torch.manual_seed(rollout_seed(stage.run.train.seed, step))
+        return sample_replies(model, prompts, stage.pad_id, stage.stop_ids, cfg.max_new_tokens, cfg.temperature,
+                              cfg.top_p, batch_size=len(prompts))
+
+
+def decoded(stage, replies: list[list[int]]) -> list[str]:
+    """The answers as text, as the reward functions read them (no end token)."""
+    return [stage.tokenizer.decode(until_stop(r, stage.stop_ids, keep_stop=False), skip_special_tokens=True)
+            for r in replies]
+
+
+def answer_stats(replies: list[list[int]], stop_ids) -> dict[str, float]:
+    """The answers' mean length and the share cut at max_new_tokens (no end token)."""
+    return {"completion_length": sum(len(r) for r in replies) / len(replies),
+            "completions_cut": sum(not r or r[-1] not in stop_ids for r in replies) / len(replies)}
+
+
+def generation_memory(plan) -> tuple[str, float, str]:
+    """`estimate`'s line for the KV cache of a step's answers, which are sampled at once."""
+    s = plan.shape
+    answers = plan.micro_batch * plan.grad_accum
+    cache = 2 * s.layers * s.kv_heads * s.head_dim * plan.seq * answers * (2 if plan.precision == "bf16" else 4)
+    return ("generation KV cache", float(cache), f"keys and values of the step's {answers} answers, sampled at once")
 
 
 @torch.no_grad()
@@ -231,10 +249,6 @@ def greedy_answers(stage, model, rows, batch_size, pad_id, precision, max_batche
     with autocast(stage.device, precision):
         return rows, sample_replies(model, [list(r.input_ids) for r in rows], pad_id, stage.stop_ids,
                                     stage.cfg.max_new_tokens, batch_size=batch_size)
-
-
-def _nanmean(x: torch.Tensor) -> float:
-    return float(torch.nanmean(x.double())) if (~x.isnan()).any() else float("nan")
 
 
 def _nanstd(x: torch.Tensor) -> float:

@@ -29,13 +29,12 @@ from tunesmith.data.batching import collate
 from tunesmith.data.templates import IGNORE
 from tunesmith.data.token_store import Prompt
 from tunesmith.models.device import autocast
-from tunesmith.models.generation import sample_replies, until_stop
 from tunesmith.models.layers import causal_lm
 from tunesmith.stages.base import Stage
-from tunesmith.stages.grpo import greedy_answers, rollout_seed
+from tunesmith.stages.grpo import answer_stats, decoded, generation_memory, greedy_answers, sample_step
 from tunesmith.stages.preference import Reference, reference_memory
-from tunesmith.stages.reward import last_tokens, rewards as reward_model_scores
-from tunesmith.stages.rewards import reward_functions, score
+from tunesmith.stages.reward import rewards as reward_model_scores
+from tunesmith.stages.rewards import Rewards
 from tunesmith.stages.tokens import model_inputs, virtual_tokens
 
 STATE_FILE = "stage_state.json"
@@ -118,8 +117,7 @@ class PpoStage(Stage):
 
     def __init__(self, cfg, run):
         super().__init__(cfg, run)
-        self.functions = reward_functions(cfg) if cfg.rewards else []
-        self.weights = torch.tensor(cfg.reward_weights or [1.0] * len(cfg.rewards), dtype=torch.float64)
+        self.rewards = Rewards(cfg) if cfg.rewards else None
         self.reward_model = None  # (model, head), set by the session from stage.reward_model
         self.reference: Reference | None = None
         self._batch: list[Sampled] = []
@@ -130,9 +128,7 @@ class PpoStage(Stage):
     @staticmethod
     def extra_memory(plan) -> list[tuple[str, float, str]]:
         s = plan.shape
-        answers = plan.micro_batch * plan.grad_accum
-        cache = 2 * s.layers * s.kv_heads * s.head_dim * plan.seq * answers * (2 if plan.precision == "bf16" else 4)
-        return [("generation KV cache", float(cache), f"keys and values of the step's {answers} answers"),
+        return [generation_memory(plan),
                 *([("reward model", s.params * 4.0, "the rm run that scores answers, frozen, fp32")]
                   if plan.stage_setting("reward_model") or not plan.stage_settings else []),
                 ("value head", s.hidden * 4.0 * 4, "the value head (weights, gradient, AdamW state)"),
@@ -164,11 +160,7 @@ class PpoStage(Stage):
             return self._batch
         cfg = self.cfg
         prompts = [list(r.input_ids) for r in rows]
-        forked = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=forked), autocast(self.device, self.precision):
-            torch.manual_seed(rollout_seed(self.run.train.seed, step))
-            replies = sample_replies(model, prompts, self.pad_id, self.stop_ids, cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_p, batch_size=len(prompts))
+        replies = sample_step(self, model, prompts, step)
         scores = self.score(model, rows, replies)
         raw = scores.clone()
         if cfg.score_norm and len(scores) > 1:
@@ -177,10 +169,8 @@ class PpoStage(Stage):
                  for p, r, s in zip(prompts, replies, scores.tolist())]
         self._measure(model, items)
         self._batch = items
-        lengths = [len(r) for r in replies]
         self._sample_stats = {"score": float(raw.mean()), "score_std": float(raw.std()) if len(raw) > 1 else 0.0,
-                              "completion_length": sum(lengths) / len(lengths),
-                              "completions_cut": sum(not r or r[-1] not in self.stop_ids for r in replies) / len(replies)}
+                              **answer_stats(replies, self.stop_ids)}
         return items
 
     @torch.no_grad()
@@ -193,12 +183,8 @@ class PpoStage(Stage):
             batch = {k: v.to(self.device) for k, v in collate(items, self.pad_id).items() if k != "labels"}
             with autocast(self.device, self.precision):
                 return reward_model_scores(scorer, head, batch, self.pad_id).float().cpu()
-        texts = [self.tokenizer.decode(until_stop(a, self.stop_ids, keep_stop=False), skip_special_tokens=True)
-                 for a in replies]
-        table = torch.tensor(score(self.functions, [r.prompt for r in rows], texts, replies,
-                                   [r.fields for r in rows]), dtype=torch.float64)
-        total = (torch.nan_to_num(table) * self.weights).sum(1)
-        return total.float()
+        _, total = self.rewards([r.prompt for r in rows], decoded(self, replies), replies, [r.fields for r in rows])
+        return torch.nan_to_num(total).float()  # an answer no function scored counts 0, not NaN, in the GAE
 
     @torch.no_grad()
     def _measure(self, model, items: list[Sampled]) -> None:
@@ -287,7 +273,7 @@ class PpoStage(Stage):
             return {"val_loss": float("nan")}
         scores = self.score(model, rows, replies)
         return {"val_loss": -float(scores.mean()), "val_score": float(scores.mean()),
-                "val_completion_length": sum(len(r) for r in replies) / len(replies)}
+                "val_completion_length": answer_stats(replies, self.stop_ids)["completion_length"]}
 
     # ---- the sampled batch is state between steps: checkpoints keep it
 

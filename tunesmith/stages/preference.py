@@ -114,21 +114,21 @@ class Reference:
         return self._starting() or contextlib.nullcontext()
 
     @torch.no_grad()
+    def _score(self, scorer, model, *args):
+        """`scorer(starting model, *args)`: on the frozen copy, or on `model` with its adapters off."""
+        if self.copy is not None:
+            return scorer(self.copy, *args)
+        with self.starting():
+            return scorer(model, *args)
+
     def logps(self, model, batch, labels_only: bool = True) -> torch.Tensor:
         """Each sequence's summed label-token log-probability under the starting model."""
-        if self.copy is not None:
-            return sequence_logps(self.copy, batch, labels_only)[0]
-        with self.starting():
-            return sequence_logps(model, batch, labels_only)[0]
+        return self._score(sequence_logps, model, batch, labels_only)[0]
 
-    @torch.no_grad()
     def token_logps(self, model, batch, labels_only: bool = True, temperature: float = 1.0
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each label token's log-probability under the starting model (see tokens.token_logps)."""
-        if self.copy is not None:
-            return token_logps(self.copy, batch, labels_only, temperature)
-        with self.starting():
-            return token_logps(model, batch, labels_only, temperature)
+        return self._score(token_logps, model, batch, labels_only, temperature)
 
 
 class PreferenceStage(Stage):
@@ -301,17 +301,12 @@ def _with_reference(pairs, stage: DpoStage, model, device, precision, pad_id, si
         return pairs
     was_training = model.training
     model.eval()
-    starting = stage.reference.starting()
     scores = torch.empty(len(pairs), 2)
-    with starting:
-        for start in range(0, len(pairs), size):
-            chunk = [pairs[i] for i in range(start, min(start + size, len(pairs)))]
-            batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
-            with autocast(device, precision):
-                if stage.reference.copy is not None:  # a reference the user named (stage.reference)
-                    chosen, rejected = stage.reference.logps(model, batch, stage.run.train.logits_at_labels_only).chunk(2)
-                else:
-                    chosen, rejected, _, _ = stage.scores(model, batch)
-            scores[start:start + len(chunk)] = torch.stack([chosen, rejected], 1).float().cpu()
+    for start in range(0, len(pairs), size):
+        chunk = [pairs[i] for i in range(start, min(start + size, len(pairs)))]
+        batch = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
+        with autocast(device, precision):  # the reference: adapters off, or the model stage.reference names
+            chosen, rejected = stage.reference.logps(model, batch, stage.run.train.logits_at_labels_only).chunk(2)
+        scores[start:start + len(chunk)] = torch.stack([chosen, rejected], 1).float().cpu()
     model.train(was_training)
     return _Scored(pairs, scores)

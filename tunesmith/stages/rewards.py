@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from tunesmith.errors import ConfigError, TunesmithError
 
 RewardFn = Callable[..., Sequence[float | None]]
@@ -171,3 +173,28 @@ def score(functions: list[tuple[str, RewardFn]], prompts: list, completions: lis
             column.append(math.nan if v is None else float(v))
         table.append(column)
     return [list(r) for r in zip(*table)]
+
+
+class Rewards:
+    """stage.rewards resolved (a typo stops the run before the model loads), with stage.reward_weights."""
+
+    def __init__(self, section):
+        self.functions = reward_functions(section)
+        self.weights = torch.tensor(section.reward_weights or [1.0] * len(self.functions), dtype=torch.float64)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.functions]
+
+    def __call__(self, prompts: list, completions: list[str], completion_ids: list[list[int]], rows: list[dict]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(replies × functions rewards, each reply's weighted total; NaN where no function scored it)."""
+        table = torch.tensor(score(self.functions, prompts, completions, completion_ids, rows), dtype=torch.float64)
+        total = (torch.nan_to_num(table) * self.weights).sum(1)
+        total[table.isnan().all(1)] = math.nan
+        return table, total
+
+
+def nanmean(x: torch.Tensor) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
+    return float(torch.nanmean(x.double())) if (~x.isnan()).any() else float("nan")
