@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_text_metrics_on_known_values():
-    from tunesmith.evaluation.metrics import text_metrics, token_f1
+    from tunesmith.scoring.text import text_metrics, token_f1
 
     assert token_f1("The cat sat.", "the cat sat on the mat") == pytest.approx(2 * 1 * 0.5 / 1.5)
     assert token_f1("dog", "cat") == 0.0 and token_f1("", "") == 1.0

@@ -17,6 +17,7 @@ import torch.nn as nn
 from tunesmith.errors import TrainingStopped, TunesmithError
 from tunesmith.training import events as ev
 from tunesmith.training import loop
+from tunesmith.training.validation import Watch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
 
@@ -188,12 +189,15 @@ def session(tmp_path, steps=4, start=0, micro=2, per_step=4, val=True, max_grad_
         path.mkdir(parents=True)
         return path
 
-    def finish():
+    def finish(step):
         s.finished += 1
         if s.stage.clock:
             s.stage.clock.now += 10.0  # writing the final weights is not training time
 
-    s.checkpoint, s.finish = checkpoint, finish
+    def evaluate():  # Session.evaluate with no generated metric watched
+        return s.stage.evaluate(s.model, s.data.val, 3, s.pad_id, s.precision, 5)
+
+    s.checkpoint, s.finish, s.evaluate, s.watch = checkpoint, finish, evaluate, Watch(None, None, None)
     return s
 
 
@@ -523,7 +527,8 @@ def test_a_run_opens_its_session_trains_and_writes_its_outputs(world):
     assert s.finished == 1 and world.plotted == [(s.run.metrics, s.run.loss_plot)]
     # three steps of 0.33 s each; writing the final weights (10 s) is not training time
     assert s.run.infos == [{"status": "complete", "steps": 3, "skipped_steps": 0, "train_time_s": 1.0,
-                            "device": "cpu", "precision": "fp32"}]
+                            "device": "cpu", "precision": "fp32", "stopped_early": None, "final_from": None,
+                            "best": None}]
     assert seen[-1] == ev.Done(s.run.path, 3, 0, 1.0)
     assert [e.time_s for e in seen if isinstance(e, ev.Step)] == pytest.approx([0.33] * 3)
     assert world.logs == [f"done: {s.run.final}  (loss curve: {s.run.loss_plot})"]

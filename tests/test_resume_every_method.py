@@ -381,3 +381,37 @@ def test_a_broken_resume_is_caught(key, breaking, first_wrong, bases, data_file,
     assert all(g != w for g, w in zip(got[first_wrong - 1:], want[first_wrong - 1:])), (got, want)  # ... not after
     with pytest.raises(AssertionError):
         assert_resumed_run_is_the_whole_run(whole, split, lines)
+
+
+def test_the_qlora_merge_gap_is_measured_on_the_test_split_and_reported(bases, data_file, tmp_path):
+    """Merging into the de-quantized base changes the numbers a little: the export says by how much, as the
+    test-split loss of the trained model (quantized base + adapter) beside the merged model's."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluation.evaluate import evaluate_file
+    from tunesmith.export import export_run
+    from tunesmith.inference.loading import Loaded, load_for_inference
+    from tunesmith.training.loop import train
+
+    cfg = make_cfg("qlora4", bases[64], data_file, tmp_path / "run")
+    cfg.data.test_size = 4
+    run = train(cfg, log=quiet)
+    with pytest.warns(UserWarning, match="quantization gap"):
+        said = export_run(run, "merged", tmp_path / "merged")
+    found = re.search(r"merge gap on 4 test rows \((\d+) tokens\): loss ([\d.]+) trained .* ([\d.]+) merged", said)
+    assert found, said
+    trained, merged = float(found[2]), float(found[3])
+    test = run / "data" / "test.jsonl"
+    assert trained == pytest.approx(evaluate_file(load_for_inference(run), test)["loss"], abs=1e-4)
+    plain = load_for_inference(run)  # the merged export, loaded by transformers alone, scored the same way
+    export = Loaded(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")), plain.tokenizer, plain.method,
+                    plain.config, None)
+    assert merged == pytest.approx(evaluate_file(export, test)["loss"], abs=1e-4)
+    assert abs(merged - trained) < 0.05 * trained  # 4-bit with fp32 compute: a small gap
+
+    cfg.data.test_size, cfg.output.dir = 0, str(tmp_path / "no-test")
+    with pytest.warns(UserWarning, match="quantization gap"):
+        said = export_run(train(cfg, log=quiet), "merged", tmp_path / "merged2")
+    assert "merge gap: not measured (the run has no test split" in said

@@ -35,7 +35,11 @@ def test_a_config_saved_by_0_1_0_loads_unchanged(method, tmp_path):
     moved = {"optimizer", "momentum"} | {k for k in raw["train"] if k.startswith(("galore_", "badam_"))}
     assert cfg.train.model_dump(mode="json") == {k: v for k, v in raw["train"].items() if k not in moved}
     for section in ("model", "data", "eval", "checkpoint", "output"):
-        assert getattr(cfg, section).model_dump(mode="json") == raw[section], section
+        dumped = getattr(cfg, section).model_dump(mode="json")
+        assert {k: dumped[k] for k in raw[section]} == raw[section], section
+        defaults = type(getattr(cfg, section))().model_dump(mode="json") if section != "data" else None
+        newer = {k: v for k, v in dumped.items() if k not in raw[section]}  # keys added since 0.1.0: their defaults
+        assert defaults is None and not newer or newer == {k: defaults[k] for k in newer}, section
     for key, value in cfg.method.model_dump(mode="json").items():
         assert raw["method"][key] == value, key
 

@@ -152,6 +152,8 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
                                                    help="rows per batch; default: the run's eval.batch_size"),
           max_new_tokens: int = 256, checkpoint: Optional[str] = None,
           compare_base: bool = typer.Option(False, "--compare-base", help="score the run's base model too, side by side"),
+          json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="match answers against this JSON "
+                                                     "schema; default: the run's eval.json_schema"),
           report: bool = typer.Option(False, "--report", help="write report.md and report.html into the run dir")) -> None:
     """Loss, perplexity, exact match, token F1, ROUGE-L, BLEU and JSON validity of greedy answers on held-out
     rows; with --compare-base the base model's beside them, with --report a report in the run dir."""
@@ -167,7 +169,8 @@ def eval_(run: str = typer.Argument(..., help="run directory (or a base model, t
             raise TunesmithError(f"{run} has no test split; pass --data FILE (or set data.test_size when training)")
     if (compare_base or report) and not is_run_dir(run):
         raise TunesmithError(f"{run} is not a run directory: --compare-base and --report need one")
-    options = dict(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    options = dict(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                   json_schema=str(json_schema) if json_schema else None)
     result = (compare_with_base(run, data, checkpoint, **options) if compare_base
               else evaluate_file(load_for_inference(run, checkpoint), data, **options))
     if report:

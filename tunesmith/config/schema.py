@@ -575,11 +575,26 @@ class EvalConfig(Section):
     """Validation loss every N optimizer steps (and always at the end). None = only at the end."""
     batch_size: int = Field(8, ge=1)
     max_batches: int | None = Field(None, ge=1)
+    metric: str = "val_loss"
+    """What the run watches: the stage's val_* numbers, or a metric of greedy answers (scoring.GENERATED_METRICS)."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest greedy answer when a generated metric is measured during training."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    json_schema: str | None = None
 
 
 class CheckpointConfig(Section):
     interval: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
+    best_by: str | None = None
+    final: Literal["last", "best"] = "last"
+
+    @model_validator(mode="after")
+    def _best_needs_a_metric(self):
+        if self.final == "best" and not self.best_by:
+            raise ValueError("checkpoint.final: best needs checkpoint.best_by (the metric that says which is best, "
+                             "such as val_loss or exact_match)")
+        return self
 
 
 class OutputConfig(Section):

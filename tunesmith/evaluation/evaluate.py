@@ -1,4 +1,4 @@
-"""Held-out evaluation: token loss and perplexity, and the text metrics (evaluation/metrics.py) of greedy answers."""
+"""Held-out evaluation: token loss and perplexity, and the text metrics (scoring/text.py) of greedy answers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tunesmith.data.pipeline import load_examples, tokenize_split
-from tunesmith.evaluation.metrics import exact_match, text_metrics  # noqa: F401 (exact_match: the demo's)
+from tunesmith.scoring import exact_match, load_json_schema, text_metrics  # noqa: F401 (exact_match: the demo's)
 from tunesmith.data.token_store import Pair
 from tunesmith.inference.generate import Sampling, generate_batch
 from tunesmith.stages.preference import pair_batch
@@ -42,22 +42,25 @@ def pairwise(model, pairs: list[Pair], batch_size: int, pad_id: int, head=None) 
 
 
 def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch_size: int | None = None,
-                  max_new_tokens: int = 256, rewards_of=None) -> dict[str, Any]:
+                  max_new_tokens: int = 256, rewards_of=None, json_schema: str | None = None) -> dict[str, Any]:
     """Loss, perplexity and exact match of `loaded` (see run_dir.load_for_inference) on a data file, in
     batches of `batch_size` rows (default: the run's eval.batch_size). Prompt rows are scored by the reward
     functions of `rewards_of` (a grpo or ppo stage section: score a base model as its tuned run is scored),
-    else of the loaded run."""
+    else of the loaded run. Answers are matched against `json_schema` (a file; default: the run's
+    eval.json_schema) too."""
     from tunesmith.config.schema import DataConfig, EvalConfig
 
-    if batch_size is None:
-        batch_size = (loaded.config.eval if loaded.config else EvalConfig()).batch_size
+    own = loaded.config.eval if loaded.config else EvalConfig()
+    batch_size = batch_size or own.batch_size
+    json_schema = json_schema or own.json_schema
+    schema = load_json_schema(json_schema) if json_schema else None
 
     cfg = loaded.config.data.model_copy() if loaded.config else DataConfig(train_file=str(data_file))
     cfg.on_bad_row = "error"
     _, pairs = load_examples(str(data_file), cfg, cfg.format if loaded.config else None, [])
     examples = [ex for _, ex in pairs][:limit]
     if examples and examples[0].fields is not None:  # prompt rows (grpo): nothing to score but the answers
-        return evaluate_prompts(loaded, examples, batch_size, max_new_tokens, rewards_of)
+        return evaluate_prompts(loaded, examples, batch_size, max_new_tokens, rewards_of, schema)
     tokenized, report = tokenize_split("eval", examples, loaded.tokenizer, cfg)
     paired = bool(tokenized) and isinstance(tokenized[0], Pair)
     # Preference pairs: the loss and perplexity are the chosen replies'; pairwise accuracy says how often the
@@ -72,15 +75,16 @@ def evaluate_file(loaded, data_file: str | Path, limit: int | None = None, batch
     if chats:
         preds = generate_batch(loaded.model, loaded.tokenizer, [ex.prompt_messages for ex in chats],
                                Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size)
-        result.update(text_metrics(preds, [ex.reference for ex in chats]))
+        result.update(text_metrics(preds, [ex.reference for ex in chats], schema))
         result["samples"] = [{"prompt": ex.prompt_messages[-1]["content"], "reference": ex.reference, "prediction": p}
                              for ex, p in zip(chats, preds)]
     else:
-        result.update(text_metrics([], []))
+        result.update(text_metrics([], [], schema))
     return result
 
 
-def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, section=None) -> dict[str, Any]:
+def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, section=None,
+                     schema=None) -> dict[str, Any]:
     """Prompt rows have no reply to score a loss on: greedy answers, scored by reward functions (`section`'s,
     or the run's stage.rewards, else exact_match against an `answer` field), and their exact match."""
     from tunesmith.config.schema import GrpoStageSection
@@ -99,7 +103,8 @@ def evaluate_prompts(loaded, examples, batch_size: int, max_new_tokens: int, sec
                   [p for p, _ in with_answer], [[]] * len(with_answer),
                   [{section.answer_field: a} for _, a in with_answer]) if with_answer else []
     texts = [(p, a if isinstance(a, str) else json.dumps(a)) for p, a in with_answer]
-    others = {k: v for k, v in text_metrics([p for p, _ in texts], [a for _, a in texts]).items() if k != "exact_match"}
+    others = {k: v for k, v in text_metrics([p for p, _ in texts], [a for _, a in texts], schema).items()
+              if k != "exact_match"}
     return {"loss": float("nan"), "perplexity": float("nan"), "tokens": 0, "n": len(examples), **others,
             "reward": nanmean(total),
             **{f"rewards/{name}": nanmean(table[:, i]) for i, name in enumerate(rewards.names)},

@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tunesmith.evaluation.metrics import TEXT_METRICS
+from tunesmith.scoring import GENERATED_METRICS
 
-SHOWN = ("loss", "perplexity", *TEXT_METRICS, "pairwise_accuracy", "reward")
+SHOWN = ("loss", "perplexity", *GENERATED_METRICS, "pairwise_accuracy", "reward")
 """The metrics a report lists, in this order, where the rows give them."""
 
 
@@ -29,6 +29,7 @@ def compare_with_base(run: str | Path, data_file: str | Path, checkpoint: str | 
     tuned = evaluate_file(loaded, data_file, **options)
     stage = loaded.config.stage if getattr(loaded.config.stage, "rewards", None) else None
     base_model = loaded.config.model.name_or_path
+    options["json_schema"] = options.get("json_schema") or loaded.config.eval.json_schema  # the same schema for both
     del loaded
     base = evaluate_file(load_for_inference(base_model), data_file, rewards_of=stage, **options)
     tuned["base_samples"] = base.pop("samples", [])

@@ -22,7 +22,8 @@ from tunesmith.stages.reward import HEAD
 class ExportFormat:
     name: str
     write: Callable[..., None]
-    """(loaded run, staging path, **options such as quant) -> writes the export there."""
+    """(loaded run, staging path, notes, **options such as quant) -> writes the export there, adding to `notes`
+    what the user should read about it (the merge gap of a quantized base)."""
     refuses: Callable[[object], str | None]
     """Why this format cannot export a run of the given method (a Method), or None."""
     single_file: bool = False
@@ -32,8 +33,45 @@ class ExportFormat:
         return choice("export.format", self.name)
 
 
-def _write_merged(loaded: Loaded, staging: Path, **_) -> None:
+def merged_model(loaded: Loaded, notes: list[str]):
+    """The run's adapter merged into its base. A quantized base (qlora) is de-quantized first, which changes
+    what the model computes a little: that gap is measured on the run's test split and added to `notes`."""
     merged = loaded.method.merge(loaded.model)
+    if loaded.method.quantized:
+        notes.append(merge_gap(loaded, merged))
+    return merged
+
+
+MAX_GAP_ROWS = 200
+
+
+def merge_gap(loaded: Loaded, merged) -> str:
+    """Test-split loss of the trained model (quantized base + adapter) beside the merged one's."""
+    import math
+
+    from tunesmith.data.pipeline import load_examples, tokenize_split
+    from tunesmith.data.token_store import Pair
+    from tunesmith.stages.tokens import mean_loss
+
+    test = loaded.run_dir / "data" / "test.jsonl" if loaded.run_dir else None
+    if test is None or not test.exists() or not test.read_text(encoding="utf-8").strip():
+        return "merge gap: not measured (the run has no test split; set data.test_size)"
+    cfg = loaded.config.data
+    _, pairs = load_examples(str(test), cfg, cfg.format, [])
+    rows, _ = tokenize_split("test", [ex for _, ex in pairs][:MAX_GAP_ROWS], loaded.tokenizer, cfg)
+    rows = [r.chosen if isinstance(r, Pair) else r for r in rows]
+    pad, size = loaded.tokenizer.pad_token_id, loaded.config.eval.batch_size
+    trained, n = mean_loss(loaded.model, rows, size, pad)
+    after, _ = mean_loss(merged, rows, size, pad)
+    if not n or not math.isfinite(trained):
+        return "merge gap: not measured (no scored tokens in the test split)"
+    return (f"merge gap on {len(rows)} test rows ({n} tokens): loss {trained:.4f} trained (quantized base + adapter), "
+            f"{after:.4f} merged into the de-quantized base ({after - trained:+.4f}; perplexity "
+            f"{math.exp(trained):.3f} -> {math.exp(after):.3f})")
+
+
+def _write_merged(loaded: Loaded, staging: Path, notes: list[str], **_) -> None:
+    merged = merged_model(loaded, notes)
     if loaded.head is not None:
         return _as_sequence_classifier(merged, loaded.head, loaded.tokenizer.pad_token_id).save_pretrained(staging)
     # The run's EOS and pad must travel with the weights, so plain `generate` stops where ours does.
@@ -63,7 +101,7 @@ def _as_sequence_classifier(merged, head, pad_id: int):
     return scorer
 
 
-def _write_adapter(loaded: Loaded, staging: Path, **_) -> None:
+def _write_adapter(loaded: Loaded, staging: Path, notes: list[str], **_) -> None:
     loaded.method.save(loaded.model, staging)
     if loaded.head is not None:  # the reward head travels beside the adapter
         save_modules({HEAD: loaded.head}, staging / MODULES_FILE)
@@ -81,26 +119,27 @@ def _no_adapter(method) -> str | None:
     return None
 
 
-def _merged_lm(loaded: Loaded):
+def _merged_lm(loaded: Loaded, notes: list[str]):
     if loaded.head is not None:
         raise ConfigError("a reward model (stage rm) scores replies and does not generate; export it with --format "
                           "merged (a sequence classifier) or adapter, not for llama.cpp")
-    return loaded.method.merge(loaded.model).eval()
+    return merged_model(loaded, notes).eval()
 
 
-def _write_gguf(loaded: Loaded, staging: Path, quant: str = "f16", **_) -> None:
+def _write_gguf(loaded: Loaded, staging: Path, notes: list[str], quant: str = "f16", **_) -> None:
     from tunesmith.export.gguf import write_gguf
 
-    write_gguf(_merged_lm(loaded), loaded.tokenizer, staging, quant, name=loaded.run_dir.name if loaded.run_dir else "model")
+    write_gguf(_merged_lm(loaded, notes), loaded.tokenizer, staging, quant,
+               name=loaded.run_dir.name if loaded.run_dir else "model")
 
 
-def _write_ollama(loaded: Loaded, staging: Path, quant: str = "q8_0", **_) -> None:
+def _write_ollama(loaded: Loaded, staging: Path, notes: list[str], quant: str = "q8_0", **_) -> None:
     from tunesmith.export.gguf import modelfile, write_gguf
 
     staging.mkdir(parents=True)
     name = f"{loaded.run_dir.name if loaded.run_dir else 'model'}.gguf"
     text = modelfile(loaded.tokenizer, name, loaded.default_system)  # refuses a template it cannot translate first
-    write_gguf(_merged_lm(loaded), loaded.tokenizer, staging / name, quant, name=Path(name).stem)
+    write_gguf(_merged_lm(loaded, notes), loaded.tokenizer, staging / name, quant, name=Path(name).stem)
     (staging / "Modelfile").write_text(text, encoding="utf-8")
 
 
@@ -134,18 +173,19 @@ def export_run(run: str | Path, fmt: str, out: str | Path, checkpoint: str | Non
     why = spec.refuses(loaded.method)
     if why:
         raise ConfigError(why)
+    notes: list[str] = []  # what the export measured (qlora's merge gap), said with the result
     if spec.single_file:
         staging = out.with_name(out.name + ".partial")
         staging.unlink(missing_ok=True)
-        spec.write(loaded, staging, **options)
+        spec.write(loaded, staging, notes, **options)
         staging.rename(out)
-        return f"wrote {fmt} export to {out}"
+        return "\n".join([f"wrote {fmt} export to {out}", *notes])
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    spec.write(loaded, staging, **options)
+    spec.write(loaded, staging, notes, **options)
     if fmt != "ollama":
         loaded.tokenizer.save_pretrained(staging)  # with the chat template used in training
     if out.exists():
         out.rmdir()
     staging.rename(out)
-    return f"wrote {fmt} export to {out}"
+    return "\n".join([f"wrote {fmt} export to {out}", *notes])

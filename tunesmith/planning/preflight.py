@@ -293,6 +293,48 @@ def splits(cfg: Config, report: DataReport) -> list[Finding]:
     return out
 
 
+def watching(cfg: Config, report: DataReport) -> list[Finding]:
+    """eval.metric, checkpoint.best_by and early stopping: a metric the run can measure, on rows that have
+    what it needs, often enough to act on."""
+    import difflib
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.scoring import GENERATED_METRICS, load_json_schema
+
+    out: list[Finding] = []
+    watched = [("eval.metric", cfg.eval.metric)] + ([("checkpoint.best_by", cfg.checkpoint.best_by)]
+                                                    if cfg.checkpoint.best_by else [])
+    for key, metric in watched:
+        if metric not in GENERATED_METRICS and not metric.startswith("val_"):
+            close = difflib.get_close_matches(metric, [*GENERATED_METRICS, "val_loss", "val_perplexity"], n=1)
+            out.append(Finding("error", key, f"{key}: '{metric}' is not a metric a run measures",
+                               f"{key}: {close[0] if close else 'val_loss'} (the stage's val_* numbers, or one of "
+                               f"{', '.join(GENERATED_METRICS)})"))
+        elif metric in GENERATED_METRICS and FORMATS.get(report.format) and report.format in ("text", "preference",
+                                                                                             "unpaired"):
+            out.append(Finding("error", key, f"{key}: {metric} scores answers against a reference reply, and "
+                               f"{report.format} rows have none", f"{key}: val_loss"))
+        if metric == "json_schema_match" and not cfg.eval.json_schema:
+            out.append(Finding("error", key, f"{key}: json_schema_match needs a schema to match",
+                               "eval.json_schema: path/to/schema.json"))
+    if cfg.eval.json_schema:
+        try:
+            load_json_schema(cfg.eval.json_schema)
+        except ConfigError as exc:
+            out.append(Finding("error", "eval.json_schema", str(exc)))
+    acting = [k for k, on in (("eval.early_stopping_patience", cfg.eval.early_stopping_patience),
+                              ("checkpoint.best_by", cfg.checkpoint.best_by)) if on]
+    val = report.splits.get("val")
+    if acting and not (val and val.kept):
+        out.append(Finding("error", acting[0], f"{' and '.join(acting)} compare evaluations on the validation "
+                           "split, and there is none", "data.val_size: 0.1 (or a count), or data.val_file"))
+    elif acting and not cfg.eval.interval:
+        out.append(Finding("error" if cfg.eval.early_stopping_patience else "warning", "eval.interval",
+                           f"{' and '.join(acting)} act on evaluations during training, and eval.interval is empty "
+                           "(one evaluation, at the end)", "eval.interval: a tenth of the run's steps"))
+    return out
+
+
 def method_fits_model(cfg: Config, shape: ModelShape | None) -> list[Finding]:
     """A method that cannot be applied to this model family is an error before anything is loaded."""
     from tunesmith.errors import ConfigError
@@ -402,7 +444,8 @@ def check_config(cfg: Config, report: DataReport, shape: ModelShape | None, mach
     return [*packages(cfg), *method_fits_model(cfg, shape), *steps_and_batch(cfg, n_train), *run_time(steps, report, cfg, speed),
             *overfitting(cfg, n_train, steps),
             *intervals(cfg, steps, report, speed, trainable), *ranges(cfg),
-            *lengths(cfg, report, shape), *splits(cfg, report), *block_turns(cfg, steps, shape),
+            *lengths(cfg, report, shape), *splits(cfg, report), *watching(cfg, report),
+            *block_turns(cfg, steps, shape),
             *device_support(cfg, machine),
             *(memory(cfg, plan) if plan else [Finding("info", "memory", "not estimated: the model's shape could "
                                                       "not be read from its config")])]

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
-from tunesmith.run.run_dir import RunDir
+from tunesmith.run.run_dir import RunDir, write_json
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -253,10 +253,39 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
 # --------------------------------------------------------------------------- save and load
 
 
+BEST = "best.json"
+"""checkpoints/best.json: which checkpoint is the best by checkpoint.best_by (rotation keeps it)."""
+
+
+def best_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """{checkpoint, step, metric, value} of the best checkpoint, or None (none recorded, or it is gone)."""
+    path = RunDir(run_dir).checkpoints / BEST
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return best if (path.parent / best.get("checkpoint", "")).is_dir() else None
+
+
+def mark_best(run_dir: Path, checkpoint: Path, metric: str, value: float, keep_last: int) -> None:
+    """Record `checkpoint` as the best, then drop the previous best if rotation no longer keeps it."""
+    write_json(RunDir(run_dir).checkpoints / BEST, {"checkpoint": checkpoint.name, "step": read_state(checkpoint)["step"],
+                                                    "metric": metric, "value": value})
+    prune(run_dir, keep_last)
+
+
+def prune(run_dir: Path, keep_last: int, newest: Path | None = None) -> None:
+    """Drop complete checkpoints beyond the newest `keep_last`, sparing the best one."""
+    best = best_checkpoint(run_dir)
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        if old != newest and (best is None or old.name != best["checkpoint"]):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, method, model, optimizer, scheduler, trainer_state: dict[str, Any],
                     keep_last: int, stage=None) -> Path:
-    """Write a complete checkpoint or none; then drop the oldest beyond `keep_last`. `stage` saves the modules it
-    trains itself (rm's head), if any."""
+    """Write a complete checkpoint or none; then drop the oldest beyond `keep_last` (never the best one, see
+    mark_best). `stage` saves the modules it trains itself (rm's head), if any."""
     root = RunDir(run_dir).checkpoints
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -288,9 +317,7 @@ def save_checkpoint(run_dir: Path, step: int, method, model, optimizer, schedule
             f"{'The previous checkpoint ' + previous[-1] + ' is intact' if previous else 'No earlier checkpoint exists'}; "
             "free some space (or lower checkpoint.keep_last) and resume with --resume."
         ) from None
-    for old in complete_checkpoints(run_dir)[:-keep_last]:  # only after the new one is complete
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep_last, final)  # only after the new one is complete
     return final
 
 

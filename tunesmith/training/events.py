@@ -16,6 +16,7 @@ from typing import Any, Callable, Union
 
 from tqdm import tqdm
 
+from tunesmith.scoring import GENERATED_METRICS
 from tunesmith.run.metrics import MetricsLog
 
 
@@ -81,6 +82,8 @@ class Done:
     steps: int
     skipped_steps: int
     train_time_s: float
+    stopped_early: str | None = None
+    """Why the watched metric ended the run before its last step (eval.early_stopping_patience)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,9 @@ class ProgressBar:
             for key in ("val_reward", "val_score"):  # online stages: the greedy answers' reward
                 if key in event.metrics:
                     line += f"  held-out reward {event.metrics[key]:.3f}"
+            for key in GENERATED_METRICS:  # eval.metric / checkpoint.best_by scored on greedy answers
+                if key in event.metrics:
+                    line += f"  {key} {event.metrics[key]:.3f}"
             if "val_rewards/accuracy" in event.metrics:
                 line += (f"  reward accuracy {event.metrics['val_rewards/accuracy']:.1%}  margin "
                          f"{event.metrics['val_rewards/margin']:.3f}")

@@ -49,14 +49,20 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     started = time.perf_counter()
     try:
         with StopOnSignal(request, events.note):
-            run_steps(session, events, lambda step: request() or wanted() or step == stop_at_step, request)
+            last, early = run_steps(session, events, lambda step: request() or wanted() or step == stop_at_step,
+                                    request)
         train_time = round(time.perf_counter() - started, 1)  # the steps, not the writes below
-        # ---- outputs: final weights/adapter, loss curve, status
-        session.finish()
+        # ---- outputs: final weights/adapter (or the best checkpoint's), loss curve, status
+        final_from = session.finish(last)
+        if final_from:
+            events.note(f"final/ holds {final_from} (checkpoint.final: best)")
         plot_losses(session.run.metrics, session.run.loss_plot)
-        session.run.update_info(status="complete", steps=session.steps, skipped_steps=session.skipped,
-                                train_time_s=train_time, device=session.device.type, precision=session.precision)
-        events.emit(ev.Done(session.run.path, session.steps, session.skipped, train_time))
+        watched = session.watch.best
+        session.run.update_info(status="complete", steps=last, skipped_steps=session.skipped,
+                                train_time_s=train_time, device=session.device.type, precision=session.precision,
+                                stopped_early=early, final_from=final_from,
+                                best=watched.describe() if watched and watched.best is not None else None)
+        events.emit(ev.Done(session.run.path, last, session.skipped, train_time, early))
     except TrainingStopped:
         raise
     except BaseException as exc:
@@ -70,8 +76,10 @@ def train(cfg: Config, log=print, resume: bool = False, checkpoint: str | None =
     return session.run.path
 
 
-def run_steps(s: Session, events: ev.Events, should_stop: Callable[[int], bool], request: ev.StopRequest) -> None:
-    """Steps start+1 .. steps: accumulate, clip, step, evaluate, checkpoint; stop cleanly when asked."""
+def run_steps(s: Session, events: ev.Events, should_stop: Callable[[int], bool],
+              request: ev.StopRequest) -> tuple[int, str | None]:
+    """Steps start+1 .. steps: accumulate, clip, step, evaluate, checkpoint; stop cleanly when asked.
+    Returns the last step taken and, when the watched metric stopped the run early, why."""
     cfg, tc = s.cfg, s.cfg.train
     events.emit(ev.Started(s.start, s.steps, s.run.path))
     s.model.train()
@@ -96,12 +104,19 @@ def run_steps(s: Session, events: ev.Events, should_stop: Callable[[int], bool],
         events.emit(ev.Step(step, s.stream.epoch, loss, lr, grad_norm, not finite, time.perf_counter() - t0,
                             s.stage.step_metrics(rows)))
 
-        last = step == s.steps
+        last, saved, early = step == s.steps, None, None
         if s.data.val and ((cfg.eval.interval and step % cfg.eval.interval == 0) or last):
-            events.emit(ev.Eval(step, s.stage.evaluate(s.model, s.data.val, cfg.eval.batch_size, s.pad_id,
-                                                       s.precision, cfg.eval.max_batches)))
+            metrics = s.evaluate()
+            events.emit(ev.Eval(step, metrics))
+            best, early = s.watch.update(step, metrics)
+            if best:  # checkpoint.best_by improved: this point is kept as the best checkpoint
+                saved = s.checkpoint(step, best=True)
+                events.emit(ev.Checkpoint(step, saved))
+            if early:  # eval.early_stopping_patience: the run ends here, complete
+                events.note(early)
+                return step, early
         stopping = not last and should_stop(step)
-        if stopping or (not last and cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+        if saved is None and (stopping or (not last and cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)):
             saved = s.checkpoint(step)
             events.emit(ev.Checkpoint(step, saved))
         if stopping:
@@ -110,6 +125,7 @@ def run_steps(s: Session, events: ev.Events, should_stop: Callable[[int], bool],
             s.run.update_info(status="interrupted", step=step)
             raise TrainingStopped(f"stopped after step {step}; checkpoint {saved}. Continue with: "
                                   f"tunesmith train CONFIG --resume --output.dir={s.run.path}", request.exit_code)
+    return s.steps, None
 
 
 def accumulate(s: Session, rows: list, note: Callable[[str], None]) -> tuple[float, int]:

@@ -31,12 +31,13 @@ from tunesmith.optim import saving
 from tunesmith.optim.build import build_optimizer
 from tunesmith.optim.schedule import build_scheduler, total_steps
 from tunesmith.planning.preflight import check_before_training
-from tunesmith.run.checkpoint import (check_resumable, clean_temporary, find_checkpoint, fingerprint,
-                                      load_checkpoint, read_state, save_checkpoint, sha256_file)
+from tunesmith.run.checkpoint import (best_checkpoint, check_resumable, clean_temporary, find_checkpoint, fingerprint,
+                                      load_checkpoint, mark_best, read_state, save_checkpoint, sha256_file)
 from tunesmith.run.metrics import truncate_metrics
 from tunesmith.run.run_dir import RunDir, is_run_dir, write_json
 from tunesmith.stages import Stage, get_stage
 from tunesmith.stages.reward import load_head
+from tunesmith.training.validation import Answers, Watch, generated
 
 
 def seed_everything(seed: int) -> None:
@@ -169,22 +170,48 @@ class Session:
     micro: int
     skipped: int
     identity: dict[str, Any]
+    watch: Watch
+    answers: Answers | None = None
+    """Greedy answers to the validation rows, when a watched metric is scored on them (exact_match, …)."""
 
     @property
     def rows_per_step(self) -> int:
         return self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps
 
-    def checkpoint(self, step: int) -> Path:
-        with saving(self.optimizer):  # BAdam: the method saves every layer, not only the active one
-            return save_checkpoint(self.run.path, step, self.method, self.model, self.optimizer, self.scheduler, {
-                "data_position": self.stream.position, "epoch": self.stream.epoch, "micro_batch_size": self.micro,
-                "skipped_steps": self.skipped, "fingerprint": self.identity}, self.cfg.checkpoint.keep_last,
-                self.stage)
+    def evaluate(self) -> dict[str, Any]:
+        """The stage's held-out numbers, and the generated metrics the run watches."""
+        cfg = self.cfg.eval
+        metrics = self.stage.evaluate(self.model, self.data.val, cfg.batch_size, self.pad_id, self.precision,
+                                      cfg.max_batches)
+        if self.answers is not None:
+            metrics.update(self.answers(self.model, self.precision))
+        return metrics
 
-    def finish(self) -> None:
-        """final/ appears complete or not at all (a resumed run replaces it only once the new one is written)."""
+    def checkpoint(self, step: int, best: bool = False) -> Path:
+        """A resumable checkpoint; `best`: it is the best so far by checkpoint.best_by, and is kept as such."""
+        with saving(self.optimizer):  # BAdam: the method saves every layer, not only the active one
+            path = save_checkpoint(self.run.path, step, self.method, self.model, self.optimizer, self.scheduler, {
+                "data_position": self.stream.position, "epoch": self.stream.epoch, "micro_batch_size": self.micro,
+                "skipped_steps": self.skipped, "fingerprint": self.identity, "watch": self.watch.state()},
+                self.cfg.checkpoint.keep_last, self.stage)
+        if best:
+            tracker = self.watch.best
+            mark_best(self.run.path, path, tracker.metric, tracker.best, self.cfg.checkpoint.keep_last)
+        return path
+
+    def finish(self, step: int) -> str | None:
+        """final/ appears complete or not at all (a resumed run replaces it only once the new one is written).
+        With checkpoint.final: best it holds the best checkpoint's weights; returns where they came from then."""
+        source = None
+        best = best_checkpoint(self.run.path) if self.cfg.checkpoint.final == "best" else None
+        if best is not None and best["step"] != step:
+            path = self.run.checkpoints / best["checkpoint"]
+            self.method.restore(self.model, path)
+            self.stage.restore(path)
+            source = f"{best['checkpoint']} ({best['metric']} {best['value']:.4g}, the best)"
         with saving(self.optimizer):
             save_final(self.method, self.model, self.run, self.stage)
+        return source
 
 
 def save_final(method: Method, model, run: RunDir, stage: Stage | None = None) -> None:
@@ -280,7 +307,9 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
                        group=tc.micro_batch_size * tc.grad_accum_steps)
     session = Session(cfg, run, data, tokenizer.pad_token_id, stage, method, model, params, optimizer, scheduler,
                       stream, device, precision, packed, steps, start=0, micro=tc.micro_batch_size, skipped=0,
-                      identity=identity)
+                      identity=identity, watch=Watch.of(cfg))
+    if generated(cfg) and data.val:
+        session.answers = Answers(cfg, run.data / "val.jsonl", data.format, tokenizer)
 
     # ---- resume: weights, optimizer, schedule, data position and RNG exactly as they were
     if resume:
@@ -291,6 +320,7 @@ def open_session(cfg: Config, log: Callable[[str], None], resume: bool = False, 
         load_checkpoint(ckpt, state, method, model, optimizer, scheduler, stage)
         session.start, stream.position = state["step"], state["data_position"]
         session.micro, session.skipped = state["micro_batch_size"], state["skipped_steps"]
+        session.watch.restore(state.get("watch", {}))
         truncate_metrics(run.metrics, session.start)  # later lines came from the lost part of the run
         log(f"resuming from {ckpt.name}: step {session.start} of {steps}, epoch {stream.epoch}")
     if session.start >= steps:
